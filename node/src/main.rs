@@ -1,1 +1,283 @@
-fn main(){}
+//! The `flynode` command.
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use flynode::config::Config;
+use flynode::routing::RoutingMap;
+use flynode::{NotYetImplemented, control, exit};
+use flynode_keys::{KeyDir, KeyError, PrivateKey, rfc3339_utc};
+
+const DEFAULT_CONFIG: &str = "/etc/flynode/flynode.toml";
+
+#[derive(Parser)]
+#[command(
+    name = "flynode",
+    version,
+    about = "UDP anycast edge and worker: XDP on the NIC, a userspace WireGuard mesh between hosts",
+    after_help = "Exit codes:\n  0   success\n  1   the operation failed (attach, I/O, kernel refused)\n  2   command-line usage error\n  3   the configuration or routing map is invalid\n  4   a key is missing, unreadable, too widely readable, or would be overwritten\n  5   no daemon answers on the control socket\n  69  the capability is not built yet"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon in the foreground (systemd runs it this way).
+    #[command(after_help = "Example:\n  flynode run --config /etc/flynode/flynode.toml")]
+    Run {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Validate a configuration (and the routing file it names) without touching the system.
+    #[command(after_help = "Example:\n  flynode check-config /etc/flynode/flynode.toml")]
+    CheckConfig {
+        #[arg(default_value = DEFAULT_CONFIG)]
+        path: PathBuf,
+    },
+    /// Manage the node's WireGuard keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCmd,
+    },
+    /// Ask the running daemon for its state (root only, over the control socket).
+    #[command(after_help = "Examples:\n  flynode status\n  flynode status --json")]
+    Status {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Talk to this control socket instead of the one the config names.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Print JSON for machines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Build a throwaway topology of network namespaces and show flynode at work (root).
+    #[command(after_help = "Example:\n  sudo flynode demo")]
+    Demo,
+}
+
+#[derive(clap::Args)]
+struct KeyDirArgs {
+    /// The key directory (default: key_dir from the config, else /var/lib/flynode/keys).
+    #[arg(long)]
+    key_dir: Option<PathBuf>,
+    /// Read key_dir from this config.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// Generate the node's private key (never overwrites one without --force).
+    #[command(after_help = "Example:\n  flynode keys generate --key-dir /var/lib/flynode/keys")]
+    Generate {
+        #[command(flatten)]
+        dir: KeyDirArgs,
+        /// Replace an existing key (peers that know the old one lose this node).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show the node's public key(s) and their ages.
+    #[command(after_help = "Examples:\n  flynode keys show\n  flynode keys show --private")]
+    Show {
+        #[command(flatten)]
+        dir: KeyDirArgs,
+        /// Also print the current private key (base64, as `wg genkey` writes it).
+        #[arg(long)]
+        private: bool,
+    },
+    /// Print the public key of a private key read from FILE or stdin, exactly as `wg pubkey`.
+    #[command(after_help = "Example:\n  flynode keys pubkey < /var/lib/flynode/keys/private.key")]
+    Pubkey {
+        /// A private key file; `-` or absent reads stdin.
+        file: Option<PathBuf>,
+    },
+    /// Make a new current key and keep the previous one for a grace period.
+    #[command(after_help = "Example:\n  flynode keys rotate")]
+    Rotate {
+        #[command(flatten)]
+        dir: KeyDirArgs,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match dispatch(cli.command) {
+        Ok(()) => ExitCode::from(exit::OK as u8),
+        Err(e) => {
+            eprintln!("flynode: {e:#}");
+            ExitCode::from(exit_code(&e) as u8)
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn exit_code(e: &anyhow::Error) -> i32 {
+    for cause in e.chain() {
+        if cause.is::<NotYetImplemented>() {
+            return exit::NOT_YET;
+        }
+        if cause.is::<flynode::config::ConfigError>() || cause.is::<flynode::routing::RoutingError>()
+        {
+            return exit::CONFIG;
+        }
+        if cause.is::<KeyError>() {
+            return exit::KEYS;
+        }
+        if let Some(control::ControlError::Connect { .. }) = cause.downcast_ref() {
+            return exit::DAEMON_UNREACHABLE;
+        }
+    }
+    exit::FAILURE
+}
+
+fn dispatch(command: Cmd) -> anyhow::Result<()> {
+    match command {
+        Cmd::Run { config } => flynode::daemon::run(Config::load(&config)?),
+        Cmd::CheckConfig { path } => check_config(&path),
+        Cmd::Keys { command } => keys(command),
+        Cmd::Status {
+            config,
+            socket,
+            json,
+        } => status(&config, socket, json),
+        Cmd::Demo => flynode::demo::run(),
+    }
+}
+
+fn check_config(path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    match &config.source {
+        flynode::config::SourceConfig::File { path: routing } => {
+            let map = RoutingMap::load(routing)?;
+            println!(
+                "{}: ok (node {}, region {}); {}: ok ({} nodes, {} services)",
+                path.display(),
+                config.node_id,
+                config.region,
+                routing.display(),
+                map.nodes.len(),
+                map.services.len()
+            );
+        }
+        flynode::config::SourceConfig::Etcd { .. } => {
+            println!("{}: ok (routing map from etcd)", path.display());
+        }
+    }
+    Ok(())
+}
+
+fn key_dir_path(args: &KeyDirArgs) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = &args.key_dir {
+        return Ok(dir.clone());
+    }
+    let config = match &args.config {
+        Some(path) => Some(path.as_path()),
+        None => Some(Path::new(DEFAULT_CONFIG)).filter(|p| p.exists()),
+    };
+    Ok(match config {
+        Some(path) => Config::load(path)?.key_dir,
+        None => PathBuf::from("/var/lib/flynode/keys"),
+    })
+}
+
+fn keys(command: KeysCmd) -> anyhow::Result<()> {
+    match command {
+        KeysCmd::Generate { dir, force } => {
+            let dir = KeyDir::create(key_dir_path(&dir)?)?;
+            let public = dir.generate(force)?;
+            println!("{public}");
+        }
+        KeysCmd::Show { dir, private } => {
+            let dir = KeyDir::open(key_dir_path(&dir)?)?;
+            let state = dir.state()?;
+            let current = dir.load_current()?;
+            println!("current   {}", current.public_key());
+            if let Some(rec) = &state.current {
+                println!("          created {}", rfc3339_utc(rec.created_at));
+            }
+            if let Some(prev) = &state.previous {
+                println!("previous  {}", prev.public_key);
+                println!("          rotated {}", rfc3339_utc(prev.rotated_at));
+            }
+            if private {
+                println!("private   {}", current.to_base64().as_str());
+            }
+        }
+        KeysCmd::Pubkey { file } => {
+            let mut text = zeroize::Zeroizing::new(String::new());
+            match file.as_deref().filter(|p| *p != Path::new("-")) {
+                Some(path) => {
+                    std::fs::File::open(path)
+                        .and_then(|mut f| f.read_to_string(&mut text))
+                        .with_context(|| format!("reading {}", path.display()))?;
+                }
+                None => {
+                    std::io::stdin()
+                        .read_to_string(&mut text)
+                        .context("reading a private key from stdin")?;
+                }
+            }
+            let key = PrivateKey::from_base64(&text).map_err(|e| KeyError::InvalidKey {
+                path: file.unwrap_or_else(|| PathBuf::from("<stdin>")),
+                reason: e.to_string(),
+            })?;
+            println!("{}", key.public_key());
+        }
+        KeysCmd::Rotate { dir } => {
+            let dir = KeyDir::open(key_dir_path(&dir)?)?;
+            let rotation = dir.rotate()?;
+            println!("{}", rotation.new);
+            eprintln!(
+                "rotated: new key {} is current, previous key {} is kept until wiped; a running daemon does not adopt it live yet (the tunnel work adds the zero-loss exchange)",
+                rotation.new.fingerprint(),
+                rotation.old.fingerprint()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn status(config: &Path, socket: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
+    let socket = match socket {
+        Some(s) => s,
+        None => Config::load(config)?.control_socket,
+    };
+    let status = control::status(&socket)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(());
+    }
+    println!("node      {} (region {}), flynode {}", status.node_id, status.region, status.version);
+    println!("key       {} ({})", status.public_key_fingerprint, status.public_key);
+    println!("uptime    {}s", status.uptime_secs);
+    println!(
+        "routing   {}: {} nodes, {} services, {} service endpoints",
+        status.routing.source,
+        status.routing.nodes,
+        status.routing.services,
+        status.routing.service_endpoints
+    );
+    println!("xdp       {} mode on {}", status.xdp.mode, status.xdp.interface);
+    for (verdict, n) in &status.xdp.verdicts {
+        println!("  {verdict:<10} {n}");
+    }
+    for (name, n) in &status.xdp.counters {
+        println!("    {name:<26} {n}");
+    }
+    Ok(())
+}

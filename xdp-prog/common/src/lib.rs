@@ -23,7 +23,7 @@ pub const MAX_SERVICE_ADDRS: u32 = 4_096;
 /// An IP address as the XDP program sees it: IPv6 as is, IPv4 mapped into
 /// `::ffff:0:0/96` (RFC 4291 §2.5.5.2) so one map serves both families.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct AddrKey {
     pub addr: [u8; 16],
 }
@@ -48,7 +48,7 @@ impl AddrKey {
 
 /// Key of the services map: a destination address and UDP port that a service answers on.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct ServiceKey {
     pub addr: AddrKey,
     /// UDP destination port in network byte order, exactly as it appears on the wire, so

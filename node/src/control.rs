@@ -1,0 +1,295 @@
+//! The local control socket: how `flynode status` (and later `keys rotate`) talk to a
+//! running daemon. A Unix stream socket, mode 0600 in a 0700 directory, and the daemon
+//! also checks the peer's uid, so only root (the daemon's own user) gets an answer.
+//! One request per connection, one JSON line each way: easy to drive with `socat` too.
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader as TokioBufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    Status(Box<Status>),
+    Error { message: String },
+}
+
+/// What `flynode status` shows. Never holds a secret.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Status {
+    pub version: String,
+    pub node_id: String,
+    pub region: String,
+    pub public_key: String,
+    pub public_key_fingerprint: String,
+    pub uptime_secs: u64,
+    pub routing: RoutingStatus,
+    pub xdp: XdpStatus,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RoutingStatus {
+    pub source: String,
+    pub nodes: usize,
+    pub services: usize,
+    /// (address, port) pairs in the XDP services map.
+    pub service_endpoints: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct XdpStatus {
+    pub interface: String,
+    pub mode: String,
+    /// Every counter slot by name, summed over CPUs.
+    pub counters: BTreeMap<String, u64>,
+    /// Totals per verdict (userspace, pass, drop).
+    pub verdicts: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(
+        "cannot reach the flynode daemon at {path}: {source} (is `flynode run` running, and are you root?)"
+    )]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("talking to the daemon at {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the daemon at {path} sent an answer this flynode cannot read: {detail}")]
+    Protocol { path: PathBuf, detail: String },
+    #[error("the daemon refused: {0}")]
+    Refused(String),
+    #[error("another flynode daemon already answers on {0}")]
+    InUse(PathBuf),
+}
+
+/// Sends one request and waits (bounded) for the answer.
+pub fn request(path: &Path, request: &Request) -> Result<Response, ControlError> {
+    let io = |source| ControlError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut stream = StdUnixStream::connect(path).map_err(|source| ControlError::Connect {
+        path: path.to_owned(),
+        source,
+    })?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(io)?;
+    let mut line = serde_json::to_string(request).map_err(|e| ControlError::Protocol {
+        path: path.to_owned(),
+        detail: e.to_string(),
+    })?;
+    line.push('\n');
+    stream.write_all(line.as_bytes()).map_err(io)?;
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer).map_err(io)?;
+    serde_json::from_str(&answer).map_err(|e| ControlError::Protocol {
+        path: path.to_owned(),
+        detail: e.to_string(),
+    })
+}
+
+/// Asks for the daemon's status.
+pub fn status(path: &Path) -> Result<Status, ControlError> {
+    match request(path, &Request::Status)? {
+        Response::Status(status) => Ok(*status),
+        Response::Error { message } => Err(ControlError::Refused(message)),
+    }
+}
+
+/// The listening side, owned by the daemon. Removes its socket file when dropped.
+pub struct ControlServer {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ControlServer {
+    /// Binds the socket, replacing a stale file left by a daemon that crashed, but never
+    /// one that a live daemon still answers on.
+    pub fn bind(path: &Path) -> Result<Self, ControlError> {
+        let io = |source| ControlError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io)?;
+        }
+        if path.exists() {
+            if StdUnixStream::connect(path).is_ok() {
+                return Err(ControlError::InUse(path.to_owned()));
+            }
+            std::fs::remove_file(path).map_err(io)?;
+        }
+        let listener = UnixListener::bind(path).map_err(io)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        Ok(Self {
+            listener,
+            path: path.to_owned(),
+        })
+    }
+
+    /// Serves requests forever; `answer` computes the response to each.
+    pub async fn serve<F>(&self, answer: F)
+    where
+        F: Fn(Request) -> Response + Send + Sync + Clone + 'static,
+    {
+        // SAFETY: geteuid has no preconditions.
+        let own_uid = unsafe { libc::geteuid() };
+        loop {
+            let stream = match self.listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "control socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                if let Err(e) = serve_one(stream, own_uid, answer).await {
+                    tracing::debug!(error = %e, "control connection ended with an error");
+                }
+            });
+        }
+    }
+}
+
+async fn serve_one<F>(mut stream: UnixStream, own_uid: u32, answer: F) -> std::io::Result<()>
+where
+    F: Fn(Request) -> Response,
+{
+    let peer_uid = stream.peer_cred()?.uid();
+    let response = if peer_uid != own_uid && peer_uid != 0 {
+        Response::Error {
+            message: format!("uid {peer_uid} may not use the control socket (root only)"),
+        }
+    } else {
+        let mut line = String::new();
+        let mut reader = TokioBufReader::new(&mut stream);
+        // Bounded so a client that never finishes its line cannot pin a task forever.
+        match tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line)).await {
+            Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
+                Ok(request) => answer(request),
+                Err(e) => Response::Error {
+                    message: format!("unreadable request: {e}"),
+                },
+            },
+            Ok(Err(e)) => return Err(e),
+            Err(_) => Response::Error {
+                message: "request not received within 5 s".into(),
+            },
+        }
+    };
+    let mut out = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
+    out.push(b'\n');
+    stream.write_all(&out).await?;
+    stream.shutdown().await
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_and_responses_are_one_json_object_each() {
+        assert_eq!(
+            serde_json::to_string(&Request::Status).unwrap(),
+            r#"{"request":"status"}"#
+        );
+        let err = Response::Error {
+            message: "x".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&err).unwrap(),
+            r#"{"result":"error","message":"x"}"#
+        );
+    }
+
+    #[tokio::test]
+    async fn a_second_server_on_a_live_socket_is_refused_and_a_stale_one_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl/control.sock");
+        let server = ControlServer::bind(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(matches!(
+            ControlServer::bind(&path),
+            Err(ControlError::InUse(_))
+        ));
+        drop(server);
+        assert!(!path.exists(), "a stopped server removes its socket");
+        // A crashed daemon leaves its socket file behind with nobody listening.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        let replaced = ControlServer::bind(&path);
+        assert!(replaced.is_ok(), "{:?}", replaced.err());
+    }
+
+    #[tokio::test]
+    async fn status_round_trips_through_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let server = ControlServer::bind(&path).unwrap();
+        let status = Status {
+            version: "v".into(),
+            node_id: "n".into(),
+            region: "r".into(),
+            public_key: "k".into(),
+            public_key_fingerprint: "f".into(),
+            uptime_secs: 3,
+            routing: RoutingStatus {
+                source: "file".into(),
+                nodes: 1,
+                services: 2,
+                service_endpoints: 3,
+            },
+            xdp: XdpStatus {
+                interface: "eth0".into(),
+                mode: "native".into(),
+                counters: BTreeMap::from([("pass_not_ip".into(), 7)]),
+                verdicts: BTreeMap::from([("pass".into(), 7)]),
+            },
+        };
+        let served = status.clone();
+        tokio::spawn(async move {
+            server
+                .serve(move |_| Response::Status(Box::new(served.clone())))
+                .await
+        });
+        let got = tokio::task::spawn_blocking(move || super::status(&path))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, status);
+    }
+}
