@@ -77,8 +77,21 @@ fn run_topology() -> anyhow::Result<()> {
     }
     edge.ip(&["addr", "add", &format!("{ANYCAST_V4}/32"), "dev", "lo"])?;
     edge.ip(&["addr", "add", &format!("{ANYCAST_V6}/128"), "dev", "lo"])?;
-    client.ip(&["route", "add", &format!("{ANYCAST_V4}/32"), "via", "198.18.0.1"])?;
-    client.ip(&["-6", "route", "add", &format!("{ANYCAST_V6}/128"), "via", "2001:db8::1"])?;
+    client.ip(&[
+        "route",
+        "add",
+        &format!("{ANYCAST_V4}/32"),
+        "via",
+        "198.18.0.1",
+    ])?;
+    client.ip(&[
+        "-6",
+        "route",
+        "add",
+        &format!("{ANYCAST_V6}/128"),
+        "via",
+        "2001:db8::1",
+    ])?;
     println!(
         "namespaces: {} (198.18.0.2, 2001:db8::2) <-veth-> {} (198.18.0.1, 2001:db8::1; anycast {ANYCAST_V4}, {ANYCAST_V6})",
         client.name(),
@@ -138,9 +151,17 @@ fn run_topology() -> anyhow::Result<()> {
     check_interrupted()?;
 
     let status = control::status(&socket)?;
-    println!("\n{:<46} {:>6}  {:<24}", "sent from the client", "count", "expected counter");
+    println!(
+        "\n{:<46} {:>6}  {:<24}",
+        "sent from the client", "count", "expected counter"
+    );
     for s in plan() {
-        println!("{:<46} {:>6}  {}", format!("{} ({})", s.what, s.to), s.count, s.expect.name());
+        println!(
+            "{:<46} {:>6}  {}",
+            format!("{} ({})", s.what, s.to),
+            s.count,
+            s.expect.name()
+        );
     }
     println!("\nservice socket in the edge namespace received {received} datagram(s)");
     println!("\n{:<26} {:<10} {:>8}", "XDP counter", "verdict", "frames");
@@ -148,9 +169,7 @@ fn run_topology() -> anyhow::Result<()> {
         let v = status.xdp.counters.get(c.name()).copied().unwrap_or(0);
         println!("{:<26} {:<10} {:>8}", c.name(), c.verdict().name(), v);
     }
-    println!(
-        "(pass_not_ip / pass_not_udp include the kernel's own ARP and neighbour discovery)"
-    );
+    println!("(pass_not_ip / pass_not_udp include the kernel's own ARP and neighbour discovery)");
     let exit = daemon.terminate(Duration::from_secs(5))?;
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
     println!("\ndaemon log:");
@@ -160,9 +179,18 @@ fn run_topology() -> anyhow::Result<()> {
     println!("daemon stopped ({exit}); removing namespaces");
     std::io::stdout().flush()?;
     for s in plan() {
-        let got = status.xdp.counters.get(s.expect.name()).copied().unwrap_or(0);
+        let got = status
+            .xdp
+            .counters
+            .get(s.expect.name())
+            .copied()
+            .unwrap_or(0);
         if got < s.count as u64 {
-            bail!("counter {} is {got}, below the {} sent", s.expect.name(), s.count);
+            bail!(
+                "counter {} is {got}, below the {} sent",
+                s.expect.name(),
+                s.count
+            );
         }
     }
     Ok(())
@@ -176,11 +204,36 @@ fn plan() -> Vec<Send> {
     let v4 = |port: u16| SocketAddr::new(std::net::Ipv4Addr::new(198, 18, 100, 1).into(), port);
     let v6 = |port: u16| SocketAddr::new(anycast_v6(), port);
     vec![
-        Send { what: "service, IPv4", to: v4(SERVICE_PORT), count: 5, expect: Counter::UserspaceService },
-        Send { what: "service, IPv6", to: v6(SERVICE_PORT), count: 5, expect: Counter::UserspaceService },
-        Send { what: "unserved port, IPv4", to: v4(5353), count: 3, expect: Counter::DropUnknownPort },
-        Send { what: "unserved port, IPv6", to: v6(5353), count: 3, expect: Counter::DropUnknownPort },
-        Send { what: "the edge's own address", to: SocketAddr::new(std::net::Ipv4Addr::new(198, 18, 0, 1).into(), 9), count: 4, expect: Counter::PassNotService },
+        Send {
+            what: "service, IPv4",
+            to: v4(SERVICE_PORT),
+            count: 5,
+            expect: Counter::UserspaceService,
+        },
+        Send {
+            what: "service, IPv6",
+            to: v6(SERVICE_PORT),
+            count: 5,
+            expect: Counter::UserspaceService,
+        },
+        Send {
+            what: "unserved port, IPv4",
+            to: v4(5353),
+            count: 3,
+            expect: Counter::DropUnknownPort,
+        },
+        Send {
+            what: "unserved port, IPv6",
+            to: v6(5353),
+            count: 3,
+            expect: Counter::DropUnknownPort,
+        },
+        Send {
+            what: "the edge's own address",
+            to: SocketAddr::new(std::net::Ipv4Addr::new(198, 18, 0, 1).into(), 9),
+            count: 4,
+            expect: Counter::PassNotService,
+        },
     ]
 }
 

@@ -131,7 +131,8 @@ fn exit_code(e: &anyhow::Error) -> i32 {
         if cause.is::<NotYetImplemented>() {
             return exit::NOT_YET;
         }
-        if cause.is::<flynode::config::ConfigError>() || cause.is::<flynode::routing::RoutingError>()
+        if cause.is::<flynode::config::ConfigError>()
+            || cause.is::<flynode::routing::RoutingError>()
         {
             return exit::CONFIG;
         }
@@ -262,8 +263,14 @@ fn status(config: &Path, socket: Option<PathBuf>, json: bool) -> anyhow::Result<
         println!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(());
     }
-    println!("node      {} (region {}), flynode {}", status.node_id, status.region, status.version);
-    println!("key       {} ({})", status.public_key_fingerprint, status.public_key);
+    println!(
+        "node      {} (region {}), flynode {}",
+        status.node_id, status.region, status.version
+    );
+    println!(
+        "key       {} ({})",
+        status.public_key_fingerprint, status.public_key
+    );
     println!("uptime    {}s", status.uptime_secs);
     println!(
         "routing   {}: {} nodes, {} services, {} service endpoints",
@@ -272,7 +279,10 @@ fn status(config: &Path, socket: Option<PathBuf>, json: bool) -> anyhow::Result<
         status.routing.services,
         status.routing.service_endpoints
     );
-    println!("xdp       {} mode on {}", status.xdp.mode, status.xdp.interface);
+    println!(
+        "xdp       {} mode on {}",
+        status.xdp.mode, status.xdp.interface
+    );
     for (verdict, n) in &status.xdp.verdicts {
         println!("  {verdict:<10} {n}");
     }

@@ -197,9 +197,7 @@ impl XdpClassifier {
             }
         }
         for key in current.keys().filter(|k| !desired.contains_key(k)) {
-            self.services
-                .remove(key)
-                .map_err(map_err(SERVICES_MAP))?;
+            self.services.remove(key).map_err(map_err(SERVICES_MAP))?;
             diff.removed += 1;
         }
         let stale_addrs: Vec<AddrKey> = self
