@@ -1,1 +1,221 @@
-//! Being written.
+//! The node config, `/etc/flynode/flynode.toml`.
+//!
+//! Parse, don't validate: every check runs while deserializing, so a [`Config`] in hand is
+//! valid, and every failure is a one-line [`ConfigError`] pointing at the file, line,
+//! column and field. Loading never touches the system beyond reading the file (and the
+//! hostname when `node_id` is unset), so `check-config` can run anywhere.
+
+pub(crate) mod de;
+pub(crate) mod names;
+mod source;
+pub mod toml_error;
+
+#[cfg(test)]
+pub(crate) mod tests;
+
+use std::fmt;
+use std::io;
+use std::net::{Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use names::{InvalidName, NodeId, Region};
+pub use source::SourceConfig;
+pub use toml_error::{Location, TomlError};
+
+pub const DEFAULT_PATH: &str = "/etc/flynode/flynode.toml";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub node_id: NodeId,
+    pub region: Region,
+    /// This node's address inside the WireGuard mesh; always in fc00::/7.
+    pub mesh_address: Ipv6Addr,
+    pub key_dir: PathBuf,
+    pub control_socket: PathBuf,
+    pub wireguard: WireguardConfig,
+    pub xdp: XdpConfig,
+    pub source: SourceConfig,
+    pub metrics: MetricsConfig,
+    pub flows: FlowConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WireguardConfig {
+    #[serde(deserialize_with = "de::port")]
+    pub listen_port: u16,
+}
+
+impl Default for WireguardConfig {
+    fn default() -> Self {
+        WireguardConfig { listen_port: 51820 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XdpConfig {
+    /// A syntactically valid interface name; whether it exists is checked at attach
+    /// time, not here, so configs can be validated off-host.
+    #[serde(deserialize_with = "de::interface")]
+    pub interface: String,
+    #[serde(default)]
+    pub mode: XdpMode,
+}
+
+/// How the XDP program is attached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// Native if the driver supports it, else generic.
+    #[default]
+    Auto,
+    Native,
+    Generic,
+}
+
+impl fmt::Display for XdpMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            XdpMode::Auto => "auto",
+            XdpMode::Native => "native",
+            XdpMode::Generic => "generic",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    #[serde(deserialize_with = "de::socket_addr")]
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9477)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FlowConfig {
+    /// Flow-table capacity on the edge side.
+    #[serde(deserialize_with = "de::count")]
+    pub edge_max: usize,
+    /// Flow-table capacity on the worker side.
+    #[serde(deserialize_with = "de::count")]
+    pub worker_max: usize,
+    #[serde(deserialize_with = "de::duration")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for FlowConfig {
+    fn default() -> Self {
+        FlowConfig {
+            edge_max: 1 << 20,
+            worker_max: 1 << 20,
+            idle_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: cannot read config file: {source}", .path.display())]
+    Read { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Invalid(#[from] TomlError),
+    #[error(
+        "{}: node_id: not set, and the hostname cannot be used instead ({reason}); set node_id",
+        .path.display()
+    )]
+    NoNodeId { path: PathBuf, reason: String },
+}
+
+/// The file as written; only `node_id` needs work after deserializing.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    node_id: Option<NodeId>,
+    region: Region,
+    #[serde(deserialize_with = "de::ula")]
+    mesh_address: Ipv6Addr,
+    #[serde(default = "default_key_dir", deserialize_with = "de::abs_path")]
+    key_dir: PathBuf,
+    #[serde(default = "default_control_socket", deserialize_with = "de::abs_path")]
+    control_socket: PathBuf,
+    #[serde(default)]
+    wireguard: WireguardConfig,
+    xdp: XdpConfig,
+    #[serde(default)]
+    source: SourceConfig,
+    #[serde(default)]
+    metrics: MetricsConfig,
+    #[serde(default)]
+    flows: FlowConfig,
+}
+
+fn default_key_dir() -> PathBuf {
+    PathBuf::from("/var/lib/flynode/keys")
+}
+
+fn default_control_socket() -> PathBuf {
+    PathBuf::from("/run/flynode/control.sock")
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(toml_error::utf8(&bytes, path)?, path)
+    }
+
+    /// Parses config text; `origin` is only used to name the file in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        Config::parse_with_hostname(text, origin, system_hostname)
+    }
+
+    fn parse_with_hostname(
+        text: &str,
+        origin: &Path,
+        hostname: impl FnOnce() -> io::Result<String>,
+    ) -> Result<Config, ConfigError> {
+        let file: ConfigFile = toml_error::from_str(text, origin)?;
+        let node_id = match file.node_id {
+            Some(id) => id,
+            None => {
+                let no_node_id = |reason: String| ConfigError::NoNodeId {
+                    path: origin.to_owned(),
+                    reason,
+                };
+                let name = hostname().map_err(|e| no_node_id(format!("reading it failed: {e}")))?;
+                names::node_id_from_hostname(&name).map_err(|e| no_node_id(e.to_string()))?
+            }
+        };
+        Ok(Config {
+            node_id,
+            region: file.region,
+            mesh_address: file.mesh_address,
+            key_dir: file.key_dir,
+            control_socket: file.control_socket,
+            wireguard: file.wireguard,
+            xdp: file.xdp,
+            source: file.source,
+            metrics: file.metrics,
+            flows: file.flows,
+        })
+    }
+}
+
+/// The UTS-namespace hostname, as `hostname(1)` prints it.
+fn system_hostname() -> io::Result<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+}

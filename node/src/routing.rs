@@ -1,1 +1,144 @@
-//! Being written.
+//! The routing map: which nodes form the mesh and which anycast services they serve.
+//!
+//! Read from `/etc/flynode/routing.toml` (or etcd, which carries the same TOML). As with
+//! the node config, a [`RoutingMap`] in hand is valid, cross-references included, and
+//! every problem is a one-line error naming file, line, column and field.
+
+mod file;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+
+use flynode_keys::PublicKey;
+use serde::{Deserialize, Deserializer};
+
+use crate::config::names::label_type;
+use crate::config::{NodeId, Region, TomlError, de, toml_error};
+
+pub const DEFAULT_PATH: &str = "/etc/flynode/routing.toml";
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoutingMap {
+    pub nodes: BTreeMap<NodeId, Node>,
+    pub services: BTreeMap<ServiceId, Service>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    pub id: NodeId,
+    pub region: Region,
+    pub public_key: PublicKey,
+    /// Where the node's WireGuard listens.
+    pub endpoint: SocketAddr,
+    /// Always in fc00::/7; unique in the map.
+    pub mesh_address: Ipv6Addr,
+}
+
+/// A service's stable number, used as its key in BPF maps; never 0 so that an empty
+/// map slot cannot be mistaken for a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceId(NonZeroU32);
+
+impl ServiceId {
+    pub const fn new(id: u32) -> Option<ServiceId> {
+        match NonZeroU32::new(id) {
+            Some(id) => Some(ServiceId(id)),
+            None => None,
+        }
+    }
+
+    pub const fn get(self) -> u32 {
+        self.0.get()
+    }
+}
+
+impl fmt::Display for ServiceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ServiceId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let id = de::int_in(d, "a service id (1..=4294967295)", 1..=i64::from(u32::MAX))?;
+        u32::try_from(id)
+            .ok()
+            .and_then(ServiceId::new)
+            .ok_or_else(|| serde::de::Error::custom(format!("service id {id} out of range")))
+    }
+}
+
+label_type!(
+    /// A service's name (`dns`), unique in the map.
+    ServiceName,
+    "service name",
+    extra = b"_",
+    rule = "use 1 to 63 lowercase letters, digits, '-' and '_', starting with a letter or digit"
+);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub id: ServiceId,
+    pub name: ServiceName,
+    /// Non-empty, no duplicates; unicast addresses only.
+    pub anycast: Vec<IpAddr>,
+    /// Non-empty, no duplicates, never 0.
+    pub ports: Vec<u16>,
+    /// Deliver datagrams with their PROXY v2 header intact instead of stripping it.
+    pub proxy_protocol: bool,
+    pub workers: Vec<Worker>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Worker {
+    /// Always names a node in the same map.
+    pub node: NodeId,
+    /// The container's address and port on that node.
+    pub target: SocketAddr,
+    /// 1..=65535.
+    pub weight: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RoutingError {
+    #[error("{}: cannot read routing map: {source}", .path.display())]
+    Read { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Invalid(#[from] TomlError),
+}
+
+impl RoutingMap {
+    pub fn load(path: &Path) -> Result<RoutingMap, RoutingError> {
+        let bytes = std::fs::read(path).map_err(|source| RoutingError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        RoutingMap::parse(toml_error::utf8(&bytes, path)?, path)
+    }
+
+    /// Parses routing map text; `origin` names the file (or etcd key) in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<RoutingMap, RoutingError> {
+        let raw: file::RoutingFile = toml_error::from_str(text, origin)?;
+        Ok(raw.validate(text, origin)?)
+    }
+
+    /// Every (anycast address, port) a service answers on, with its service: the
+    /// contents of the XDP services map. Pairs are unique across the map.
+    pub fn service_endpoints(&self) -> impl Iterator<Item = (IpAddr, u16, &Service)> {
+        self.services.values().flat_map(|service| {
+            service.anycast.iter().flat_map(move |&address| {
+                service
+                    .ports
+                    .iter()
+                    .map(move |&port| (address, port, service))
+            })
+        })
+    }
+}
