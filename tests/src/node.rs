@@ -138,6 +138,19 @@ impl Daemon {
         serde_json::from_value(status["xdp"]["counters"].clone()).expect("counters object")
     }
 
+    /// Replaces the routing file and sends SIGHUP, as an operator would after an edit.
+    pub fn reload_routing(&self, routing: &str) {
+        std::fs::write(self.dir.path().join("routing.toml"), routing).expect("routing");
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(ChildGuard::id)
+            .expect("running");
+        // SAFETY: kill(2) on the PID of the child this fixture started.
+        let rc = unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+        assert_eq!(rc, 0, "SIGHUP to flynode");
+    }
+
     /// SIGTERM and wait for a clean exit.
     pub fn stop(mut self) -> ExitStatus {
         self.child

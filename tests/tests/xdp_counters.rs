@@ -323,29 +323,12 @@ fn counters_equal_frames_sent(mode: &str) {
 
     let catalogue = catalogue();
     let repeat = 3u64;
-    sender
-        .enter(|| {
-            let tx = RawSender::bind("eth0").expect("AF_PACKET socket");
-            for _ in 0..repeat {
-                for (what, frame, _) in &catalogue {
-                    tx.send(frame)
-                        .unwrap_or_else(|e| panic!("sending {what}: {e}"));
-                }
-            }
-        })
-        .expect("enter sender namespace");
-
-    let sent = catalogue.len() as u64 * repeat;
-    let counters = wait_for(Duration::from_secs(5), || {
-        let c = daemon.counters();
-        (c.values().sum::<u64>() >= sent).then_some(c)
-    })
-    .unwrap_or_else(|| {
-        panic!(
-            "the classifier saw fewer than {sent} frames: {:?}",
-            daemon.counters()
-        )
-    });
+    let frames: Vec<Vec<u8>> = (0..repeat)
+        .flat_map(|_| catalogue.iter().map(|(_, frame, _)| frame.clone()))
+        .collect();
+    send_frames(&sender, &frames);
+    let sent = frames.len() as u64;
+    let counters = counters_after(&daemon, sent);
 
     let mut expected: BTreeMap<String, u64> = Counter::ALL
         .iter()
@@ -384,4 +367,75 @@ fn counters_equal_frames_sent_in_native_mode() {
 #[test]
 fn counters_equal_frames_sent_in_generic_mode() {
     counters_equal_frames_sent("generic");
+}
+
+fn send_frames(sender: &Netns, frames: &[Vec<u8>]) {
+    sender
+        .enter(|| {
+            let tx = RawSender::bind("eth0").expect("AF_PACKET socket");
+            for f in frames {
+                tx.send(f).expect("send frame");
+            }
+        })
+        .expect("enter sender namespace");
+}
+
+/// Waits until the counters have moved by `frames` in total and returns them.
+fn counters_after(daemon: &Daemon, total: u64) -> BTreeMap<String, u64> {
+    wait_for(Duration::from_secs(5), || {
+        let c = daemon.counters();
+        (c.values().sum::<u64>() >= total).then_some(c)
+    })
+    .unwrap_or_else(|| panic!("fewer than {total} frames seen: {:?}", daemon.counters()))
+}
+
+#[test]
+fn a_port_added_then_removed_in_the_routing_file_changes_verdicts_after_sighup() {
+    require_root();
+    let (sender, node) = quiet_pair();
+    let daemon = Daemon::start(&node, "eth0", "auto", routing);
+    let to_5353 = || vec![udp4(None, CLIENT4, ANYCAST4, 5353, b"x"); 4];
+    let to_53 = || vec![udp6(None, CLIENT6, ANYCAST6, PORT, b"y"); 2];
+
+    send_frames(&sender, &to_5353());
+    let c = counters_after(&daemon, 4);
+    assert_eq!(c["drop_unknown_port"], 4, "{c:?}");
+
+    let with_5353 = routing(&daemon.public_key).replace("ports = [53]", "ports = [53, 5353]");
+    daemon.reload_routing(&with_5353);
+    wait_for(Duration::from_secs(5), || {
+        (daemon.status()["routing"]["service_endpoints"] == 4).then_some(())
+    })
+    .expect("the reload adds two endpoints");
+    send_frames(&sender, &to_5353());
+    send_frames(&sender, &to_53());
+    let c = counters_after(&daemon, 10);
+    assert_eq!(c["userspace_service"], 6, "{c:?}");
+    assert_eq!(c["drop_unknown_port"], 4, "{c:?}");
+
+    // A broken file is rejected and the last good map stays.
+    daemon.reload_routing("[[service]]\nid = \"nope\"\n");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(daemon.status()["routing"]["service_endpoints"], 4);
+    assert!(
+        daemon.log().contains("routing map rejected"),
+        "{}",
+        daemon.log()
+    );
+
+    daemon.reload_routing(&routing(&daemon.public_key));
+    wait_for(Duration::from_secs(5), || {
+        (daemon.status()["routing"]["service_endpoints"] == 2).then_some(())
+    })
+    .expect("the reload removes the 5353 endpoints");
+    send_frames(&sender, &to_5353());
+    send_frames(&sender, &to_53());
+    let c = counters_after(&daemon, 16);
+    assert_eq!(c["drop_unknown_port"], 8, "{c:?}");
+    assert_eq!(c["userspace_service"], 8, "{c:?}");
+    assert_eq!(
+        c.values().sum::<u64>(),
+        16,
+        "nothing else on the wire: {c:?}"
+    );
 }
