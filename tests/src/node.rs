@@ -56,6 +56,18 @@ impl Daemon {
         mode: &str,
         routing: impl FnOnce(&PublicKey) -> String,
     ) -> Daemon {
+        Self::start_wrapped(ns, interface, mode, routing, &[])
+    }
+
+    /// As [`Daemon::start`], with `wrapper` (a program and its arguments, e.g.
+    /// `setpriv ... --`) placed before the flynode binary.
+    pub fn start_wrapped(
+        ns: &Netns,
+        interface: &str,
+        mode: &str,
+        routing: impl FnOnce(&PublicKey) -> String,
+        wrapper: &[String],
+    ) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let keys = dir.path().join("keys");
         let public_key = KeyDir::create(&keys)
@@ -72,9 +84,19 @@ impl Daemon {
         );
         std::fs::write(dir.path().join("flynode.toml"), config).expect("config");
         let log = std::fs::File::create(dir.path().join("flynode.log")).expect("log");
+        let bin = flynode_bin();
+        let bin = bin.to_str().expect("utf-8 path");
+        let (program, args) = match wrapper.split_first() {
+            Some((program, args)) => (program.as_str(), args),
+            None => (bin, &[][..]),
+        };
+        let mut cmd = ns.command(program);
+        cmd.args(args);
+        if !wrapper.is_empty() {
+            cmd.arg(bin);
+        }
         let child = ChildGuard::spawn(
-            ns.command(flynode_bin().to_str().expect("utf-8 path"))
-                .arg("run")
+            cmd.arg("run")
                 .arg("--config")
                 .arg(dir.path().join("flynode.toml"))
                 .env("RUST_LOG", "debug")
@@ -100,6 +122,14 @@ impl Daemon {
             daemon.log()
         );
         daemon
+    }
+
+    /// The daemon's PID (`ip netns exec` and `setpriv` exec, so it is the child's).
+    pub fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .and_then(ChildGuard::id)
+            .expect("running")
     }
 
     pub fn dir(&self) -> &Path {

@@ -66,6 +66,14 @@ fn bytes_at<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<&[u8; N]>
     Some(unsafe { &*((start + offset) as *const [u8; N]) })
 }
 
+/// Whether the frame is at least `len` bytes long. A comparison rather than
+/// `data_end - data`: the verifier refuses pointer subtraction without CAP_PERFMON, and
+/// each verifier privilege the program leans on is one the daemon must be granted.
+#[inline(always)]
+fn frame_holds(ctx: &XdpContext, len: usize) -> bool {
+    ctx.data() + len <= ctx.data_end()
+}
+
 #[inline(always)]
 fn be16(hi: u8, lo: u8) -> u16 {
     ((hi as u16) << 8) | lo as u16
@@ -73,7 +81,6 @@ fn be16(hi: u8, lo: u8) -> u16 {
 
 #[inline(always)]
 fn classify(ctx: &XdpContext) -> Counter {
-    let frame_len = ctx.data_end() - ctx.data();
     let Some(eth) = bytes_at::<ETH_HLEN>(ctx, 0) else {
         return Counter::DropMalformedEthernet;
     };
@@ -87,15 +94,15 @@ fn classify(ctx: &XdpContext) -> Counter {
         l3 = ETH_HLEN + VLAN_HLEN;
     }
     match ethertype {
-        ETH_P_IPV4 => classify_ipv4(ctx, l3, frame_len),
-        ETH_P_IPV6 => classify_ipv6(ctx, l3, frame_len),
+        ETH_P_IPV4 => classify_ipv4(ctx, l3),
+        ETH_P_IPV6 => classify_ipv6(ctx, l3),
         // Includes a second (QinQ) tag: only one tag is ours to look through.
         _ => Counter::PassNotIp,
     }
 }
 
 #[inline(always)]
-fn classify_ipv4(ctx: &XdpContext, l3: usize, frame_len: usize) -> Counter {
+fn classify_ipv4(ctx: &XdpContext, l3: usize) -> Counter {
     let Some(ip) = bytes_at::<IPV4_HLEN_MIN>(ctx, l3) else {
         return Counter::DropMalformedIpv4;
     };
@@ -107,7 +114,7 @@ fn classify_ipv4(ctx: &XdpContext, l3: usize, frame_len: usize) -> Counter {
     let ihl = ((ip[0] & 0x0f) as usize) * 4;
     let total_len = be16(ip[2], ip[3]) as usize;
     // Frames may carry Ethernet padding after the datagram, never less than it.
-    if ihl < IPV4_HLEN_MIN || total_len < ihl || l3 + total_len > frame_len {
+    if ihl < IPV4_HLEN_MIN || total_len < ihl || !frame_holds(ctx, l3 + total_len) {
         return Counter::DropMalformedIpv4;
     }
     if ip[9] != IPPROTO_UDP {
@@ -132,7 +139,7 @@ fn classify_ipv4(ctx: &XdpContext, l3: usize, frame_len: usize) -> Counter {
 }
 
 #[inline(always)]
-fn classify_ipv6(ctx: &XdpContext, l3: usize, frame_len: usize) -> Counter {
+fn classify_ipv6(ctx: &XdpContext, l3: usize) -> Counter {
     let Some(ip) = bytes_at::<IPV6_HLEN>(ctx, l3) else {
         return Counter::DropMalformedIpv6;
     };
@@ -140,7 +147,7 @@ fn classify_ipv6(ctx: &XdpContext, l3: usize, frame_len: usize) -> Counter {
         return Counter::DropMalformedIpv6;
     }
     let payload_len = be16(ip[4], ip[5]) as usize;
-    if l3 + IPV6_HLEN + payload_len > frame_len {
+    if !frame_holds(ctx, l3 + IPV6_HLEN + payload_len) {
         return Counter::DropMalformedIpv6;
     }
     match ip[6] {
