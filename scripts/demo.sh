@@ -6,5 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
-cargo build --release -p flynode
+# aya-build relays the eBPF crate's whole cargo output as build-script warnings: keep
+# it in a log and show it only when the build fails.
+log=$(mktemp /tmp/flynode-build.XXXXXX.log)
+echo "building flynode (release; log: $log)" >&2
+if ! cargo build --release -p flynode >"$log" 2>&1; then
+  cat "$log" >&2
+  exit 1
+fi
+rm -f "$log"
 exec ./target/release/flynode demo
