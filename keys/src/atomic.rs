@@ -143,19 +143,7 @@ pub(crate) fn scrub_unlinked(file: &File, path: &Path) -> Result<(), KeyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn entries(dir: &Path) -> Vec<String> {
-        let mut names: Vec<String> = fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        names
-    }
-
-    fn mode_of(path: &Path) -> u32 {
-        fs::metadata(path).unwrap().mode() & 0o7777
-    }
+    use crate::test_util::{entry_names as entries, mode_of};
 
     #[test]
     fn writes_the_content_with_the_requested_mode() {

@@ -3,19 +3,7 @@ use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 
 use super::*;
 use crate::state::unix_now;
-
-fn mode_of(path: &Path) -> u32 {
-    fs::metadata(path).unwrap().mode() & 0o7777
-}
-
-fn names(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
-}
+use crate::test_util::{entry_names as names, mode_of};
 
 /// A fresh key directory inside a temp dir (kept alive by the returned guard).
 fn keydir() -> (tempfile::TempDir, KeyDir) {

@@ -16,6 +16,8 @@ mod keyfile;
 mod private;
 mod public;
 mod state;
+#[cfg(test)]
+mod test_util;
 
 pub use atomic::write_atomic;
 pub use error::KeyError;

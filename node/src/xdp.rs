@@ -186,15 +186,13 @@ impl XdpClassifier {
         }
         for (key, value) in desired {
             match current.get(key) {
-                Some(v) if v == value => {}
+                Some(v) if v == value => continue,
                 Some(_) => diff.changed += 1,
                 None => diff.added += 1,
             }
-            if current.get(key) != Some(value) {
-                self.services
-                    .insert(key, value, 0)
-                    .map_err(map_err(SERVICES_MAP))?;
-            }
+            self.services
+                .insert(key, value, 0)
+                .map_err(map_err(SERVICES_MAP))?;
         }
         for key in current.keys().filter(|k| !desired.contains_key(k)) {
             self.services.remove(key).map_err(map_err(SERVICES_MAP))?;

@@ -31,6 +31,14 @@ fn write_config(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
     path
 }
 
+/// `flynode keys generate` into `dir/keys`, which must succeed; returns that path.
+fn generate_keys(dir: &std::path::Path) -> std::path::PathBuf {
+    let keys = dir.join("keys");
+    let out = flynode(&["keys", "generate", "--key-dir", keys.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    keys
+}
+
 #[test]
 fn version_prints_name_and_version() {
     let out = flynode(&["--version"]);
@@ -99,13 +107,8 @@ fn keys_generate_never_overwrites_without_force() {
 #[test]
 fn keys_show_prints_the_private_key_only_when_asked() {
     let dir = tempfile::tempdir().unwrap();
-    let keys = dir.path().join("keys");
+    let keys = generate_keys(dir.path());
     let keys = keys.to_str().unwrap();
-    assert!(
-        flynode(&["keys", "generate", "--key-dir", keys])
-            .status
-            .success()
-    );
     let private = std::fs::read_to_string(dir.path().join("keys/private.key")).unwrap();
     let plain = flynode(&["keys", "show", "--key-dir", keys]);
     assert!(!String::from_utf8_lossy(&plain.stdout).contains(private.trim()));
@@ -175,12 +178,7 @@ fn keys_rotate_keeps_the_previous_key_and_prints_the_new_public_key() {
 #[test]
 fn run_refuses_a_key_that_others_can_read_and_exits_4() {
     let dir = tempfile::tempdir().unwrap();
-    let keys = dir.path().join("keys");
-    assert!(
-        flynode(&["keys", "generate", "--key-dir", keys.to_str().unwrap()])
-            .status
-            .success()
-    );
+    let keys = generate_keys(dir.path());
     let key = keys.join("private.key");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     std::fs::write(dir.path().join("routing.toml"), "").unwrap();
@@ -203,12 +201,7 @@ fn run_refuses_a_key_that_others_can_read_and_exits_4() {
 #[test]
 fn run_with_the_etcd_source_says_it_is_not_built_yet_and_exits_69() {
     let dir = tempfile::tempdir().unwrap();
-    let keys = dir.path().join("keys");
-    assert!(
-        flynode(&["keys", "generate", "--key-dir", keys.to_str().unwrap()])
-            .status
-            .success()
-    );
+    generate_keys(dir.path());
     let config = write_config(
         dir.path(),
         "[source.etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\n",

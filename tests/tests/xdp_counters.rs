@@ -337,9 +337,15 @@ fn counters_equal_frames_sent(mode: &str) {
     for (_, _, counter) in &catalogue {
         *expected.get_mut(counter.name()).expect("known counter") += repeat;
     }
+    let expectations: Vec<String> = catalogue
+        .iter()
+        .map(|(what, _, counter)| format!("  {what} -> {}", counter.name()))
+        .collect();
     assert_eq!(
-        counters, expected,
-        "counters after {sent} frames ({mode} mode)"
+        counters,
+        expected,
+        "counters after {sent} frames ({mode} mode); each frame x{repeat}:\n{}",
+        expectations.join("\n")
     );
 
     let status = daemon.stop();
