@@ -15,7 +15,7 @@ pub(crate) mod tests;
 
 use std::fmt;
 use std::io;
-use std::net::{Ipv6Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -45,13 +45,45 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WireguardConfig {
+    /// UDP port the mesh listens on (all addresses, IPv4 and IPv6).
     #[serde(deserialize_with = "de::port")]
     pub listen_port: u16,
+    /// Name of the TUN device that carries the mesh addresses.
+    #[serde(deserialize_with = "de::interface")]
+    pub interface: String,
+    /// An optional IPv4 address for this node inside the mesh (for IPv4-only tools
+    /// and peers); the IPv6 `mesh_address` is always assigned.
+    #[serde(deserialize_with = "de::mesh_v4")]
+    pub mesh_ipv4: Option<Ipv4Addr>,
+    /// The TUN's MTU. Default: the underlay interface's MTU minus WireGuard's overhead
+    /// over IPv6 (80 bytes), so that every encrypted packet fits the underlay.
+    #[serde(deserialize_with = "de::mtu")]
+    pub mtu: Option<u16>,
+    /// After `flynode keys rotate`, how long the previous key keeps working for peers
+    /// that have not moved to the new one.
+    #[serde(deserialize_with = "de::duration")]
+    pub key_grace: Duration,
+    /// Keepalive interval on every session, so idle sessions stay up (and a worker's
+    /// health, judged by a recent handshake, stays visible).
+    #[serde(deserialize_with = "de::duration")]
+    pub persistent_keepalive: Duration,
+    /// UDP port on the mesh address where forwarded datagrams (PROXY v2 wrapped) arrive;
+    /// inner packets to it are handled in flynode, never by the kernel.
+    #[serde(deserialize_with = "de::port")]
+    pub forward_port: u16,
 }
 
 impl Default for WireguardConfig {
     fn default() -> Self {
-        WireguardConfig { listen_port: 51820 }
+        WireguardConfig {
+            listen_port: 51820,
+            interface: "flynode0".to_owned(),
+            mesh_ipv4: None,
+            mtu: None,
+            key_grace: Duration::from_secs(600),
+            persistent_keepalive: Duration::from_secs(25),
+            forward_port: 51821,
+        }
     }
 }
 

@@ -13,16 +13,23 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader as TokioBufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+pub use crate::mesh::{PeerInfo, RotationStatus};
+
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "request", rename_all = "snake_case")]
 pub enum Request {
     Status,
+    /// Make a new key current now; keep the old one for the grace period.
+    RotateKey,
+    /// How far the rotation has got.
+    Rotation,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
     Status(Box<Status>),
+    Rotation(RotationStatus),
     Error { message: String },
 }
 
@@ -37,6 +44,21 @@ pub struct Status {
     pub uptime_secs: u64,
     pub routing: RoutingStatus,
     pub xdp: XdpStatus,
+    pub mesh: MeshStatus,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MeshStatus {
+    /// The TUN device.
+    pub interface: String,
+    pub mtu: u16,
+    pub listen_port: u16,
+    pub rotation: RotationStatus,
+    pub peers: Vec<PeerInfo>,
+    /// Datagrams and packets dropped, by reason (never logged one by one).
+    pub drops: BTreeMap<String, u64>,
+    /// Driver counters: TUN and UDP packets, forwarding queue, I/O errors.
+    pub counters: BTreeMap<String, u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -114,6 +136,31 @@ pub fn status(path: &Path) -> Result<Status, ControlError> {
     match request(path, &Request::Status)? {
         Response::Status(status) => Ok(*status),
         Response::Error { message } => Err(ControlError::Refused(message)),
+        Response::Rotation(_) => Err(ControlError::Protocol {
+            path: path.to_owned(),
+            detail: "expected a status, got a rotation answer".into(),
+        }),
+    }
+}
+
+/// Asks the daemon to rotate its key.
+pub fn rotate_key(path: &Path) -> Result<RotationStatus, ControlError> {
+    rotation_request(path, &Request::RotateKey)
+}
+
+/// Asks how far the rotation has got.
+pub fn rotation(path: &Path) -> Result<RotationStatus, ControlError> {
+    rotation_request(path, &Request::Rotation)
+}
+
+fn rotation_request(path: &Path, req: &Request) -> Result<RotationStatus, ControlError> {
+    match request(path, req)? {
+        Response::Rotation(r) => Ok(r),
+        Response::Error { message } => Err(ControlError::Refused(message)),
+        Response::Status(_) => Err(ControlError::Protocol {
+            path: path.to_owned(),
+            detail: "expected a rotation answer, got a status".into(),
+        }),
     }
 }
 
@@ -278,6 +325,21 @@ mod tests {
                 mode: "native".into(),
                 counters: BTreeMap::from([("pass_not_ip".into(), 7)]),
                 verdicts: BTreeMap::from([("pass".into(), 7)]),
+            },
+            mesh: MeshStatus {
+                interface: "flynode0".into(),
+                mtu: 1420,
+                listen_port: 51820,
+                rotation: RotationStatus {
+                    current: "k".into(),
+                    previous: None,
+                    moved: 0,
+                    total: 0,
+                    grace_left_secs: None,
+                },
+                peers: vec![],
+                drops: BTreeMap::from([("malformed".into(), 1)]),
+                counters: BTreeMap::new(),
             },
         };
         let served = status.clone();

@@ -3,6 +3,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod demo;
+pub mod mesh;
 pub mod netns;
 pub mod routing;
 pub mod xdp;
@@ -27,6 +28,9 @@ pub mod exit {
     pub const KEYS: i32 = 4;
     /// No daemon answers on the control socket.
     pub const DAEMON_UNREACHABLE: i32 = 5;
+    /// `keys rotate`: the new key is live, but not every peer moved to it in time (the
+    /// previous key stays valid until the grace period ends).
+    pub const ROTATION_INCOMPLETE: i32 = 6;
     /// The capability is not built yet (EX_UNAVAILABLE from sysexits.h).
     pub const NOT_YET: i32 = 69;
 }

@@ -17,7 +17,7 @@ const DEFAULT_CONFIG: &str = "/etc/flynode/flynode.toml";
     name = "flynode",
     version,
     about = "UDP anycast edge and worker: XDP on the NIC, a userspace WireGuard mesh between hosts",
-    after_help = "Exit codes:\n  0   success\n  1   the operation failed (attach, I/O, kernel refused)\n  2   command-line usage error\n  3   the configuration or routing map is invalid\n  4   a key is missing, unreadable, too widely readable, or would be overwritten\n  5   no daemon answers on the control socket\n  69  the capability is not built yet"
+    after_help = "Exit codes:\n  0   success\n  1   the operation failed (attach, I/O, kernel refused)\n  2   command-line usage error\n  3   the configuration or routing map is invalid\n  4   a key is missing, unreadable, too widely readable, or would be overwritten\n  5   no daemon answers on the control socket\n  6   keys rotate: not every peer moved to the new key within --wait\n  69  the capability is not built yet"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -96,11 +96,24 @@ enum KeysCmd {
         /// A private key file; `-` or absent reads stdin.
         file: Option<PathBuf>,
     },
-    /// Make a new current key and keep the previous one for a grace period.
-    #[command(after_help = "Example:\n  flynode keys rotate")]
+    /// Make a new key current and keep the previous one for a grace period.
+    ///
+    /// With a daemon running (its control socket answers), the daemon rotates: it answers
+    /// on the new key at once and keeps the old one until every peer has moved to the new
+    /// key (peers learn it from the routing map) or the grace period ends. This command
+    /// prints the new public key, then reports how many peers have moved, for up to
+    /// --wait; it exits 0 when all moved, 6 when some had not yet. Without a daemon the
+    /// key directory is rotated on disk.
+    #[command(after_help = "Examples:\n  flynode keys rotate\n  flynode keys rotate --wait 5m")]
     Rotate {
         #[command(flatten)]
         dir: KeyDirArgs,
+        /// Talk to this control socket instead of the one the config names.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// How long to wait for every peer to move to the new key.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
     },
 }
 
@@ -138,6 +151,9 @@ fn exit_code(e: &anyhow::Error) -> i32 {
         }
         if cause.is::<KeyError>() {
             return exit::KEYS;
+        }
+        if cause.is::<RotationIncomplete>() {
+            return exit::ROTATION_INCOMPLETE;
         }
         if let Some(control::ControlError::Connect { .. }) = cause.downcast_ref() {
             return exit::DAEMON_UNREACHABLE;
@@ -182,18 +198,64 @@ fn check_config(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The config a keys command reads: --config, else the default one if it exists.
+fn config_path(args: &KeyDirArgs) -> Option<PathBuf> {
+    match &args.config {
+        Some(path) => Some(path.clone()),
+        None => Some(PathBuf::from(DEFAULT_CONFIG)).filter(|p| p.exists()),
+    }
+}
+
 fn key_dir_path(args: &KeyDirArgs) -> anyhow::Result<PathBuf> {
     if let Some(dir) = &args.key_dir {
         return Ok(dir.clone());
     }
-    let config = match &args.config {
-        Some(path) => Some(path.as_path()),
-        None => Some(Path::new(DEFAULT_CONFIG)).filter(|p| p.exists()),
-    };
-    Ok(match config {
-        Some(path) => Config::load(path)?.key_dir,
+    Ok(match config_path(args) {
+        Some(path) => Config::load(&path)?.key_dir,
         None => PathBuf::from("/var/lib/flynode/keys"),
     })
+}
+
+/// The peers have not all moved to the new key within --wait.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{moved} of {total} peers moved to the new key within the wait; the previous key stays valid for {grace_left}s more (peers learn the new key from the routing map)"
+)]
+struct RotationIncomplete {
+    moved: usize,
+    total: usize,
+    grace_left: u64,
+}
+
+/// Rotates through the running daemon and follows the peers moving over.
+fn rotate_live(socket: &Path, wait: std::time::Duration) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let mut r = control::rotate_key(socket)?;
+    println!("{}", r.current);
+    let mut last = None;
+    loop {
+        if last != Some(r.moved) {
+            eprintln!(
+                "rotation: {} of {} peers moved to the new key",
+                r.moved, r.total
+            );
+            last = Some(r.moved);
+        }
+        if r.moved >= r.total || r.previous.is_none() {
+            eprintln!("rotation complete: every peer uses the new key");
+            return Ok(());
+        }
+        if started.elapsed() >= wait {
+            return Err(RotationIncomplete {
+                moved: r.moved,
+                total: r.total,
+                grace_left: r.grace_left_secs.unwrap_or(0),
+            }
+            .into());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        r = control::rotation(socket)?;
+    }
 }
 
 fn keys(command: KeysCmd) -> anyhow::Result<()> {
@@ -239,12 +301,22 @@ fn keys(command: KeysCmd) -> anyhow::Result<()> {
             })?;
             println!("{}", key.public_key());
         }
-        KeysCmd::Rotate { dir } => {
+        KeysCmd::Rotate { dir, socket, wait } => {
+            let socket = match socket {
+                Some(s) => Some(s),
+                None => config_path(&dir)
+                    .map(|p| Config::load(&p))
+                    .transpose()?
+                    .map(|c| c.control_socket),
+            };
+            if let Some(socket) = socket.filter(|s| flynode::mesh::daemon_running(s)) {
+                return rotate_live(&socket, wait);
+            }
             let dir = KeyDir::open(key_dir_path(&dir)?)?;
             let rotation = dir.rotate()?;
             println!("{}", rotation.new);
             eprintln!(
-                "rotated: new key {} is current, previous key {} is kept until wiped; a running daemon does not adopt it live yet (the tunnel work adds the zero-loss exchange)",
+                "rotated on disk (no daemon running): new key {} is current, previous key {} is kept until the daemon's grace period ends",
                 rotation.new.fingerprint(),
                 rotation.old.fingerprint()
             );
@@ -288,6 +360,53 @@ fn status(config: &Path, socket: Option<PathBuf>, json: bool) -> anyhow::Result<
     }
     for (name, n) in &status.xdp.counters {
         println!("    {name:<26} {n}");
+    }
+    let mesh = &status.mesh;
+    println!(
+        "mesh      {} mtu {}, udp port {}, {} peers",
+        mesh.interface,
+        mesh.mtu,
+        mesh.listen_port,
+        mesh.peers.len()
+    );
+    if let Some(previous) = &mesh.rotation.previous {
+        println!(
+            "rotation  {} of {} peers moved off {}; previous key wiped in {}s at the latest",
+            mesh.rotation.moved,
+            mesh.rotation.total,
+            &previous[..8.min(previous.len())],
+            mesh.rotation.grace_left_secs.unwrap_or(0)
+        );
+    }
+    let now = flynode_keys::unix_now();
+    for p in &mesh.peers {
+        let handshake = match p.last_handshake_unix {
+            Some(t) => format!("{}s ago", now.saturating_sub(t)),
+            None => "never".to_owned(),
+        };
+        println!(
+            "  {:<16} {:<8} {} {:<24} handshake {handshake} ({} total), rx {} pkts/{} B, tx {} pkts/{} B, decrypt failures {}, our key {}",
+            p.node,
+            &p.public_key[..8.min(p.public_key.len())],
+            if p.session_up { "up  " } else { "down" },
+            p.endpoint.as_deref().unwrap_or("-"),
+            p.handshakes,
+            p.rx_packets,
+            p.rx_bytes,
+            p.tx_packets,
+            p.tx_bytes,
+            p.decrypt_failures,
+            p.own_key
+        );
+    }
+    let drops: Vec<String> = mesh
+        .drops
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    if !drops.is_empty() {
+        println!("  dropped: {}", drops.join(", "));
     }
     Ok(())
 }

@@ -39,6 +39,8 @@ pub struct Node {
     pub endpoint: SocketAddr,
     /// Always in fc00::/7; unique in the map.
     pub mesh_address: Ipv6Addr,
+    /// Optional private IPv4 address inside the mesh; unique in the map.
+    pub mesh_ipv4: Option<std::net::Ipv4Addr>,
 }
 
 /// A service's stable number, used as its key in BPF maps; never 0 so that an empty

@@ -40,10 +40,144 @@ pub fn require_root() {
     );
 }
 
-pub struct Daemon {
+/// How a test node is configured; [`NodeSpec::new`] gives the single-node defaults.
+#[derive(Debug, Clone)]
+pub struct NodeSpec {
+    pub id: String,
+    pub mesh_address: String,
+    pub mesh_ipv4: Option<String>,
+    /// The underlay interface XDP attaches to (its MTU sets the mesh MTU).
+    pub interface: String,
+    /// auto | native | generic
+    pub mode: String,
+    /// Extra `key = value` lines for the `[wireguard]` section.
+    pub wireguard: Vec<String>,
+}
+
+impl NodeSpec {
+    pub fn new(interface: &str, mode: &str) -> NodeSpec {
+        NodeSpec {
+            id: "test-node".into(),
+            mesh_address: "fd00:f1::1".into(),
+            mesh_ipv4: None,
+            interface: interface.into(),
+            mode: mode.into(),
+            wireguard: Vec::new(),
+        }
+    }
+}
+
+/// A node's directory (keys, config) before its daemon runs, or after it was killed:
+/// the routing map needs every node's public key before any daemon starts.
+pub struct Prepared {
     dir: tempfile::TempDir,
-    child: Option<ChildGuard>,
+    pub spec: NodeSpec,
     pub public_key: PublicKey,
+}
+
+impl Prepared {
+    pub fn new(spec: NodeSpec) -> Prepared {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keys = dir.path().join("keys");
+        let public_key = KeyDir::create(&keys)
+            .and_then(|k| k.generate(false))
+            .expect("node key");
+        let mut wireguard = String::from("[wireguard]\ninterface = \"fly0\"\n");
+        if let Some(v4) = &spec.mesh_ipv4 {
+            wireguard.push_str(&format!("mesh_ipv4 = \"{v4}\"\n"));
+        }
+        for line in &spec.wireguard {
+            wireguard.push_str(line);
+            wireguard.push('\n');
+        }
+        let config = format!(
+            "node_id = \"{id}\"\nregion = \"test\"\nmesh_address = \"{mesh}\"\n\
+             key_dir = \"{keys}\"\ncontrol_socket = \"{dir}/control.sock\"\n\
+             {wireguard}\
+             [xdp]\ninterface = \"{interface}\"\nmode = \"{mode}\"\n\
+             [source]\nfile = \"{dir}/routing.toml\"\n",
+            id = spec.id,
+            mesh = spec.mesh_address,
+            keys = keys.display(),
+            dir = dir.path().display(),
+            interface = spec.interface,
+            mode = spec.mode,
+        );
+        std::fs::write(dir.path().join("flynode.toml"), config).expect("config");
+        Prepared {
+            dir,
+            spec,
+            public_key,
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("control.sock")
+    }
+
+    /// Writes the routing map, starts `flynode run` in `ns` and waits until its control
+    /// socket answers.
+    pub fn start(self, ns: &Netns, routing: &str) -> Daemon {
+        self.start_wrapped(ns, routing, &[])
+    }
+
+    /// As [`Prepared::start`], with `wrapper` (a program and its arguments, e.g.
+    /// `setpriv ... --`) placed before the flynode binary.
+    pub fn start_wrapped(self, ns: &Netns, routing: &str, wrapper: &[String]) -> Daemon {
+        let dir = self.dir.path();
+        std::fs::write(dir.join("routing.toml"), routing).expect("routing");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("flynode.log"))
+            .expect("log");
+        let bin = flynode_bin();
+        let bin = bin.to_str().expect("utf-8 path");
+        let (program, args) = match wrapper.split_first() {
+            Some((program, args)) => (program.as_str(), args),
+            None => (bin, &[][..]),
+        };
+        let mut cmd = ns.command(program);
+        cmd.args(args);
+        if !wrapper.is_empty() {
+            cmd.arg(bin);
+        }
+        let child = ChildGuard::spawn(
+            cmd.arg("run")
+                .arg("--config")
+                .arg(dir.join("flynode.toml"))
+                .env("RUST_LOG", "debug,boringtun=info")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("log fd"))
+                .stderr(log),
+        )
+        .expect("spawn flynode");
+        let mut daemon = Daemon {
+            prepared: self,
+            child: Some(child),
+        };
+        let up = wait_for(Duration::from_secs(10), || {
+            if let Some(Ok(Some(status))) = daemon.child.as_mut().map(ChildGuard::try_wait) {
+                panic!("flynode exited early ({status}); log:\n{}", daemon.log());
+            }
+            daemon.try_status().ok()
+        });
+        assert!(
+            up.is_some(),
+            "flynode did not answer within 10 s; log:\n{}",
+            daemon.log()
+        );
+        daemon
+    }
+}
+
+pub struct Daemon {
+    prepared: Prepared,
+    child: Option<ChildGuard>,
 }
 
 impl Daemon {
@@ -59,8 +193,7 @@ impl Daemon {
         Self::start_wrapped(ns, interface, mode, routing, &[])
     }
 
-    /// As [`Daemon::start`], with `wrapper` (a program and its arguments, e.g.
-    /// `setpriv ... --`) placed before the flynode binary.
+    /// As [`Daemon::start`], with `wrapper` placed before the flynode binary.
     pub fn start_wrapped(
         ns: &Netns,
         interface: &str,
@@ -68,60 +201,30 @@ impl Daemon {
         routing: impl FnOnce(&PublicKey) -> String,
         wrapper: &[String],
     ) -> Daemon {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let keys = dir.path().join("keys");
-        let public_key = KeyDir::create(&keys)
-            .and_then(|k| k.generate(false))
-            .expect("node key");
-        std::fs::write(dir.path().join("routing.toml"), routing(&public_key)).expect("routing");
-        let config = format!(
-            "node_id = \"test-node\"\nregion = \"test\"\nmesh_address = \"fd00:f1::1\"\n\
-             key_dir = \"{keys}\"\ncontrol_socket = \"{dir}/control.sock\"\n\
-             [xdp]\ninterface = \"{interface}\"\nmode = \"{mode}\"\n\
-             [source]\nfile = \"{dir}/routing.toml\"\n",
-            keys = keys.display(),
-            dir = dir.path().display(),
-        );
-        std::fs::write(dir.path().join("flynode.toml"), config).expect("config");
-        let log = std::fs::File::create(dir.path().join("flynode.log")).expect("log");
-        let bin = flynode_bin();
-        let bin = bin.to_str().expect("utf-8 path");
-        let (program, args) = match wrapper.split_first() {
-            Some((program, args)) => (program.as_str(), args),
-            None => (bin, &[][..]),
-        };
-        let mut cmd = ns.command(program);
-        cmd.args(args);
-        if !wrapper.is_empty() {
-            cmd.arg(bin);
+        let prepared = Prepared::new(NodeSpec::new(interface, mode));
+        let routing = routing(&prepared.public_key);
+        prepared.start_wrapped(ns, &routing, wrapper)
+    }
+
+    pub fn public_key(&self) -> PublicKey {
+        self.prepared.public_key
+    }
+
+    pub fn spec(&self) -> &NodeSpec {
+        &self.prepared.spec
+    }
+
+    /// SIGKILL, no cleanup by the daemon; the directory (keys, config) stays for a
+    /// restart.
+    pub fn kill(mut self) -> Prepared {
+        let mut child = self.child.take().expect("running");
+        if let Some(c) = child.child_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
-        let child = ChildGuard::spawn(
-            cmd.arg("run")
-                .arg("--config")
-                .arg(dir.path().join("flynode.toml"))
-                .env("RUST_LOG", "debug")
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("log fd"))
-                .stderr(log),
-        )
-        .expect("spawn flynode");
-        let mut daemon = Daemon {
-            dir,
-            child: Some(child),
-            public_key,
-        };
-        let up = wait_for(Duration::from_secs(10), || {
-            if let Some(Ok(Some(status))) = daemon.child.as_mut().map(ChildGuard::try_wait) {
-                panic!("flynode exited early ({status}); log:\n{}", daemon.log());
-            }
-            daemon.try_status().ok()
-        });
-        assert!(
-            up.is_some(),
-            "flynode did not answer within 10 s; log:\n{}",
-            daemon.log()
-        );
-        daemon
+        drop(child);
+        let Daemon { prepared, .. } = self;
+        prepared
     }
 
     /// The daemon's PID (`ip netns exec` and `setpriv` exec, so it is the child's).
@@ -133,15 +236,15 @@ impl Daemon {
     }
 
     pub fn dir(&self) -> &Path {
-        self.dir.path()
+        self.prepared.dir()
     }
 
     pub fn socket(&self) -> PathBuf {
-        self.dir.path().join("control.sock")
+        self.prepared.socket()
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("flynode.log")).unwrap_or_default()
+        std::fs::read_to_string(self.dir().join("flynode.log")).unwrap_or_default()
     }
 
     /// `flynode status --json`, run as an operator would.
@@ -170,7 +273,7 @@ impl Daemon {
 
     /// Replaces the routing file and sends SIGHUP, as an operator would after an edit.
     pub fn reload_routing(&self, routing: &str) {
-        std::fs::write(self.dir.path().join("routing.toml"), routing).expect("routing");
+        std::fs::write(self.dir().join("routing.toml"), routing).expect("routing");
         let pid = self
             .child
             .as_ref()

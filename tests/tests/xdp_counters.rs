@@ -407,7 +407,7 @@ fn a_port_added_then_removed_in_the_routing_file_changes_verdicts_after_sighup()
     let c = counters_after(&daemon, 4);
     assert_eq!(c["drop_unknown_port"], 4, "{c:?}");
 
-    let with_5353 = routing(&daemon.public_key).replace("ports = [53]", "ports = [53, 5353]");
+    let with_5353 = routing(&daemon.public_key()).replace("ports = [53]", "ports = [53, 5353]");
     daemon.reload_routing(&with_5353);
     wait_for(Duration::from_secs(5), || {
         (daemon.status()["routing"]["service_endpoints"] == 4).then_some(())
@@ -429,7 +429,7 @@ fn a_port_added_then_removed_in_the_routing_file_changes_verdicts_after_sighup()
         daemon.log()
     );
 
-    daemon.reload_routing(&routing(&daemon.public_key));
+    daemon.reload_routing(&routing(&daemon.public_key()));
     wait_for(Duration::from_secs(5), || {
         (daemon.status()["routing"]["service_endpoints"] == 2).then_some(())
     })

@@ -4,7 +4,7 @@
 //! attaches that value's span to the error and the operator is pointed at it.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -124,6 +124,37 @@ pub(crate) fn ula<'de, D: Deserializer<'de>>(d: D) -> Result<Ipv6Addr, D::Error>
     UlaAddr::deserialize(d).map(|a| a.0)
 }
 
+/// A mesh IPv4 address: private (RFC 1918), shared (100.64.0.0/10) or benchmarking
+/// (198.18.0.0/15) space, never a global address the host might also reach directly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct MeshV4(pub Ipv4Addr);
+
+const MESH_V4_EXPECTED: &str =
+    "must be a private IPv4 address (10/8, 172.16/12, 192.168/16, 100.64/10 or 198.18/15)";
+
+impl<'de> Deserialize<'de> for MeshV4 {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        parse_str(d, "a private IPv4 address", |s| match s.parse::<IpAddr>() {
+            Ok(IpAddr::V4(a)) => {
+                let [x, y, ..] = a.octets();
+                let shared = x == 100 && (64..128).contains(&y);
+                let bench = x == 198 && (y == 18 || y == 19);
+                if (a.is_private() || shared || bench) && !a.is_broadcast() {
+                    Ok(MeshV4(a))
+                } else {
+                    Err(format!("{MESH_V4_EXPECTED}, got {a}"))
+                }
+            }
+            Ok(IpAddr::V6(a)) => Err(format!("{MESH_V4_EXPECTED}, got IPv6 address {a}")),
+            Err(_) => Err(format!("{MESH_V4_EXPECTED}, got {}", quoted(s))),
+        })
+    }
+}
+
+pub(crate) fn mesh_v4<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Ipv4Addr>, D::Error> {
+    MeshV4::deserialize(d).map(|a| Some(a.0))
+}
+
 /// `address:port`, with IPv6 addresses in brackets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) struct SockAddr(pub SocketAddr);
@@ -163,6 +194,12 @@ pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::E
             )),
         },
     )
+}
+
+/// A tunnel MTU: at least IPv6's minimum, at most what a jumbo underlay can carry.
+pub(crate) fn mtu<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
+    let v = int_in(d, "an MTU (1280..=9000)", 1280..=9000)?;
+    u16::try_from(v).map(Some).map_err(de::Error::custom)
 }
 
 /// An absolute path: the daemon runs with `/` as its working directory, so a relative

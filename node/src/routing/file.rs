@@ -11,7 +11,7 @@ use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
 use super::{Node, RoutingMap, Service, ServiceId, ServiceName, Worker};
-use crate::config::de::{self, Port, UlaAddr};
+use crate::config::de::{self, MeshV4, Port, UlaAddr};
 use crate::config::toml_error::quoted;
 use crate::config::{Location, NodeId, Region, TomlError};
 
@@ -33,6 +33,8 @@ struct NodeEntry {
     #[serde(deserialize_with = "de::socket_addr")]
     endpoint: SocketAddr,
     mesh_address: Spanned<UlaAddr>,
+    #[serde(default)]
+    mesh_ipv4: Option<Spanned<MeshV4>>,
 }
 
 #[derive(Deserialize)]
@@ -140,6 +142,7 @@ fn validate_nodes(
     // Value -> (node id, line) of the first entry that used it.
     let mut ids: HashMap<NodeId, usize> = HashMap::new();
     let mut mesh: HashMap<UlaAddr, (NodeId, usize)> = HashMap::new();
+    let mut mesh4: HashMap<std::net::Ipv4Addr, (NodeId, usize)> = HashMap::new();
     let mut keys: HashMap<PublicKey, (NodeId, usize)> = HashMap::new();
     for (i, entry) in entries.into_iter().enumerate() {
         let id = entry.id.get_ref().clone();
@@ -163,6 +166,17 @@ fn validate_nodes(
         }
         mesh.insert(address, (id.clone(), errors.line(&entry.mesh_address)));
 
+        if let Some(v4) = &entry.mesh_ipv4 {
+            let value = v4.get_ref().0;
+            if let Some((other, line)) = mesh4.get(&value) {
+                let message = format!(
+                    "{value} is already the mesh IPv4 address of node `{other}` (line {line})"
+                );
+                return Err(errors.at(v4, format!("node[{i}].mesh_ipv4"), message));
+            }
+            mesh4.insert(value, (id.clone(), errors.line(v4)));
+        }
+
         let key = entry.public_key.get_ref().0;
         if let Some((other, line)) = keys.get(&key) {
             let message = format!("already the public key of node `{other}` (line {line})");
@@ -176,6 +190,7 @@ fn validate_nodes(
             public_key: key,
             endpoint: entry.endpoint,
             mesh_address: address.0,
+            mesh_ipv4: entry.mesh_ipv4.map(|a| a.get_ref().0),
         };
         nodes.insert(id, node);
     }

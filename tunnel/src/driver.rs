@@ -1,0 +1,481 @@
+//! The mesh at work: threads that move packets between the TUN, the UDP socket and the
+//! [`Core`].
+//!
+//! Work is split by direction, one thread each, because on a 2-core host the two
+//! directions are the two independent streams of work and each one is a pipeline that
+//! batches best when a single thread owns it end to end:
+//!
+//! - `mesh-tx`: TUN → encrypt → UDP. Reads batches from the TUN (with offloads, one
+//!   read returns a whole TSO super-packet, split into MTU-sized packets), encrypts each
+//!   for the peer owning its destination, and sends them with one `sendmmsg` carrying
+//!   UDP GSO runs.
+//! - `mesh-rx`: UDP → decrypt → TUN (or the forwarding queue). Receives with
+//!   `recvmmsg` + UDP GRO, decrypts, and writes the inner packets to the TUN coalesced
+//!   (GRO) or, for the forwarding port on our mesh address, hands them to the
+//!   forwarding layer without touching the kernel.
+//! - `mesh-timers`: boringtun's timers every 100 ms (rekey, keepalive, retransmits).
+//!
+//! The threads share the [`Core`] without a global lock (see its docs): they contend
+//! only on one peer's session mutex at the same instant.
+use std::collections::BTreeSet;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use x25519_dalek::StaticSecret;
+
+use crate::core::{Core, Decap, Drop, Encap, PeerConfig, PeersDiff};
+use crate::io::route;
+use crate::io::tun::{TunConfig, TunDevice};
+use crate::io::udp::{RecvBatch, SendBatch, UdpSocket};
+
+/// Room for any message we build: a 64 KiB inner packet plus overhead.
+const BUF: usize = 65536 + 64;
+const TIMER_TICK: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Clone)]
+pub struct MeshConfig {
+    /// Where the WireGuard socket listens (`[::]:51820`: dual-stack).
+    pub listen: SocketAddr,
+    /// SO_RCVBUF/SO_SNDBUF of the UDP socket.
+    pub socket_buffer: usize,
+    pub tun: TunConfig,
+    /// Inner UDP port on our mesh address whose packets go to [`Mesh::forwarded`].
+    pub forward_port: u16,
+    /// Capacity of the forwarding queue; beyond it packets are dropped and counted.
+    pub forward_queue: usize,
+}
+
+/// A decrypted inner packet for the forwarding layer.
+#[derive(Debug)]
+pub struct Inbound {
+    /// The node it came from (its routing-map id).
+    pub from: Arc<str>,
+    /// The whole inner IP packet.
+    pub packet: Vec<u8>,
+}
+
+/// Counters of the driver (the core counts protocol drops itself).
+#[derive(Debug, Default)]
+pub struct DriverCounters {
+    pub tun_rx_packets: AtomicU64,
+    pub tun_tx_packets: AtomicU64,
+    pub tun_tx_errors: AtomicU64,
+    pub udp_rx_datagrams: AtomicU64,
+    pub udp_tx_datagrams: AtomicU64,
+    pub udp_tx_dropped: AtomicU64,
+    pub forwarded: AtomicU64,
+    pub forward_queue_full: AtomicU64,
+    pub io_errors: AtomicU64,
+}
+
+/// A running mesh: TUN, socket, threads.
+pub struct Mesh {
+    core: Arc<Core>,
+    udp: Arc<UdpSocket>,
+    tun: Arc<TunDevice>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    forwarded: Mutex<Option<Receiver<Inbound>>>,
+    counters: Arc<DriverCounters>,
+    /// Kernel routes we installed into the TUN (one per peer address).
+    routes: Mutex<BTreeSet<IpAddr>>,
+    /// For [`Mesh::send_to`] and control operations, which run on other threads.
+    sender: Mutex<(SendBatch, Vec<u8>)>,
+}
+
+impl Mesh {
+    /// Creates the TUN and the socket and starts the threads. Peers come with
+    /// [`Mesh::set_peers`].
+    pub fn start(config: MeshConfig, key: StaticSecret) -> io::Result<Mesh> {
+        let tun = Arc::new(TunDevice::create(&config.tun).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("creating TUN device `{}`: {e}", config.tun.name),
+            )
+        })?);
+        let udp = Arc::new(
+            UdpSocket::bind(config.listen, config.socket_buffer).map_err(|e| {
+                io::Error::new(e.kind(), format!("binding UDP {}: {e}", config.listen))
+            })?,
+        );
+        let core = Arc::new(Core::new(key));
+        let stop = Arc::new(AtomicBool::new(false));
+        let counters = Arc::new(DriverCounters::default());
+        let (fwd_tx, fwd_rx) = sync_channel(config.forward_queue.max(1));
+        let local = Local {
+            v6: config.tun.ipv6,
+            v4: config.tun.ipv4,
+            forward_port: config.forward_port,
+        };
+        let mut threads = Vec::new();
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.to_owned())
+                .spawn(f)
+                .map_err(|e| io::Error::new(e.kind(), format!("starting thread {name}: {e}")))
+        };
+        {
+            let (core, udp, tun, stop, counters) = (
+                Arc::clone(&core),
+                Arc::clone(&udp),
+                Arc::clone(&tun),
+                Arc::clone(&stop),
+                Arc::clone(&counters),
+            );
+            threads.push(spawn(
+                "mesh-tx",
+                Box::new(move || tx_loop(&core, &udp, &tun, &stop, &counters)),
+            )?);
+        }
+        {
+            let (core, udp, tun, stop, counters) = (
+                Arc::clone(&core),
+                Arc::clone(&udp),
+                Arc::clone(&tun),
+                Arc::clone(&stop),
+                Arc::clone(&counters),
+            );
+            threads.push(spawn(
+                "mesh-rx",
+                Box::new(move || rx_loop(&core, &udp, &tun, &stop, &counters, local, fwd_tx)),
+            )?);
+        }
+        {
+            let (core, udp, stop, counters) = (
+                Arc::clone(&core),
+                Arc::clone(&udp),
+                Arc::clone(&stop),
+                Arc::clone(&counters),
+            );
+            threads.push(spawn(
+                "mesh-timers",
+                Box::new(move || timer_loop(&core, &udp, &stop, &counters)),
+            )?);
+        }
+        Ok(Mesh {
+            core,
+            udp,
+            tun,
+            stop,
+            threads,
+            forwarded: Mutex::new(Some(fwd_rx)),
+            counters,
+            routes: Mutex::new(BTreeSet::new()),
+            sender: Mutex::new((SendBatch::new(64), vec![0u8; BUF])),
+        })
+    }
+
+    pub fn core(&self) -> &Arc<Core> {
+        &self.core
+    }
+
+    pub fn counters(&self) -> &DriverCounters {
+        &self.counters
+    }
+
+    pub fn tun_name(&self) -> &str {
+        self.tun.name()
+    }
+
+    pub fn mtu(&self) -> u16 {
+        self.tun.mtu()
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.udp.local_addr()
+    }
+
+    /// The queue of inner packets for the forwarding layer; taken once.
+    pub fn take_forwarded(&self) -> Option<Receiver<Inbound>> {
+        self.forwarded.lock().take()
+    }
+
+    /// Applies a new peer set (see [`Core::set_peers`]) and makes the kernel route
+    /// exactly the peers' addresses into the TUN. A route the kernel refuses is
+    /// returned as an error after everything else was applied.
+    pub fn set_peers(&self, peers: Vec<PeerConfig>) -> io::Result<PeersDiff> {
+        let wanted: BTreeSet<IpAddr> = peers.iter().flat_map(|p| p.allowed.clone()).collect();
+        let diff = {
+            let mut sender = self.sender.lock();
+            let (batch, scratch) = &mut *sender;
+            let diff = self
+                .core
+                .set_peers(peers, scratch, &mut |dst, msg| batch.push(dst, msg));
+            self.flush(batch);
+            diff
+        };
+        let mut routes = self.routes.lock();
+        let mut first_error = None;
+        let ifindex = self.tun.ifindex();
+        for addr in routes.difference(&wanted).copied().collect::<Vec<_>>() {
+            match route::del_route(ifindex, addr, host_prefix(addr)) {
+                Ok(()) => {
+                    routes.remove(&addr);
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        for addr in wanted.difference(&routes.clone()) {
+            match route::add_route(ifindex, *addr, host_prefix(*addr)) {
+                Ok(()) => {
+                    routes.insert(*addr);
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(diff),
+        }
+    }
+
+    /// Starts handshakes with every peer that has no session yet.
+    pub fn initiate_all(&self) {
+        let mut sender = self.sender.lock();
+        let (batch, scratch) = &mut *sender;
+        self.core
+            .initiate_all(scratch, &mut |dst, msg| batch.push(dst, msg));
+        self.flush(batch);
+    }
+
+    /// Encrypts an inner IP packet for the node `name` and sends it.
+    pub fn send_to(&self, name: &str, packet: &[u8]) -> Result<(), Drop> {
+        let mut sender = self.sender.lock();
+        let (batch, out) = &mut *sender;
+        let result = match self.core.encapsulate_to(name, packet, out) {
+            Encap::Send { dst, len } => {
+                batch.push(dst, &out[..len]);
+                Ok(())
+            }
+            Encap::Queued => Ok(()),
+            Encap::Dropped(d) => Err(d),
+        };
+        self.flush(batch);
+        result
+    }
+
+    pub fn rotate_key(&self, key: StaticSecret) {
+        self.core.rotate_key(key);
+    }
+
+    fn flush(&self, batch: &mut SendBatch) {
+        send(&self.udp, batch, &self.counters);
+    }
+
+    /// Stops the threads and removes the TUN (and with it every route into it).
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.store(true, Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl std::ops::Drop for Mesh {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn host_prefix(addr: IpAddr) -> u8 {
+    match addr {
+        IpAddr::V4(_) => 32,
+        IpAddr::V6(_) => 128,
+    }
+}
+
+fn send(udp: &UdpSocket, batch: &mut SendBatch, counters: &DriverCounters) {
+    if batch.is_empty() {
+        return;
+    }
+    match udp.send_batch(batch) {
+        Ok(stats) => {
+            counters
+                .udp_tx_datagrams
+                .fetch_add(stats.sent as u64, Relaxed);
+            counters
+                .udp_tx_dropped
+                .fetch_add(stats.dropped as u64, Relaxed);
+        }
+        Err(_) => {
+            counters.io_errors.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// I/O errors in the loops are counted and the loop goes on, after a pause so a
+/// persistent error does not spin a core.
+fn io_error(counters: &DriverCounters, what: &str, e: &io::Error) {
+    let n = counters.io_errors.fetch_add(1, Relaxed);
+    if n.is_power_of_two() {
+        tracing::warn!(error = %e, count = n + 1, "mesh {what} failed");
+    }
+    std::thread::sleep(Duration::from_millis(10));
+}
+
+fn tx_loop(
+    core: &Core,
+    udp: &UdpSocket,
+    tun: &TunDevice,
+    stop: &AtomicBool,
+    counters: &DriverCounters,
+) {
+    let mut tun_batch = tun.new_recv_batch(128);
+    let mut out_batch = SendBatch::new(128);
+    let mut out = vec![0u8; BUF];
+    while !stop.load(Relaxed) {
+        match tun.recv_batch(&mut tun_batch) {
+            Ok(0) => continue,
+            Ok(_) => {}
+            Err(e) => {
+                io_error(counters, "TUN read", &e);
+                continue;
+            }
+        }
+        let mut n = 0u64;
+        for packet in tun_batch.iter() {
+            n += 1;
+            if let Encap::Send { dst, len } = core.encapsulate(packet, &mut out) {
+                if out_batch.is_full() {
+                    send(udp, &mut out_batch, counters);
+                }
+                out_batch.push(dst, &out[..len]);
+            }
+        }
+        counters.tun_rx_packets.fetch_add(n, Relaxed);
+        send(udp, &mut out_batch, counters);
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Local {
+    v6: Ipv6Addr,
+    v4: Option<Ipv4Addr>,
+    forward_port: u16,
+}
+
+impl Local {
+    /// An inner UDP packet to our mesh address on the forwarding port.
+    fn is_forwarded(&self, p: &[u8]) -> bool {
+        match p.first().map(|b| b >> 4) {
+            Some(6) if p.len() >= 48 => {
+                p[6] == 17
+                    && p[24..40] == self.v6.octets()
+                    && u16::from_be_bytes([p[42], p[43]]) == self.forward_port
+            }
+            Some(4) if p.len() >= 28 => {
+                let ihl = usize::from(p[0] & 0x0f) * 4;
+                let frag = u16::from_be_bytes([p[6], p[7]]) & 0x3fff;
+                self.v4.is_some_and(|v4| p[16..20] == v4.octets())
+                    && p[9] == 17
+                    && frag == 0
+                    && ihl >= 20
+                    && p.len() >= ihl + 8
+                    && u16::from_be_bytes([p[ihl + 2], p[ihl + 3]]) == self.forward_port
+            }
+            _ => false,
+        }
+    }
+}
+
+fn rx_loop(
+    core: &Core,
+    udp: &UdpSocket,
+    tun: &TunDevice,
+    stop: &AtomicBool,
+    counters: &DriverCounters,
+    local: Local,
+    forward: SyncSender<Inbound>,
+) {
+    let mut in_batch = RecvBatch::new(64);
+    let mut tun_batch = tun.new_send_batch(128);
+    let mut replies = SendBatch::new(64);
+    let mut out = vec![0u8; BUF];
+    while !stop.load(Relaxed) {
+        match udp.recv_batch(&mut in_batch) {
+            Ok(0) => continue,
+            Ok(_) => {}
+            Err(e) => {
+                io_error(counters, "UDP receive", &e);
+                continue;
+            }
+        }
+        let mut n = 0u64;
+        for (src, datagram) in in_batch.iter() {
+            n += 1;
+            let decap = core.decapsulate(src, datagram, &mut out, &mut |dst, msg| {
+                replies.push(dst, msg)
+            });
+            let Decap::Inner { peer, len } = decap else {
+                continue;
+            };
+            let packet = &out[..len];
+            if local.is_forwarded(packet) {
+                match forward.try_send(Inbound {
+                    from: Arc::clone(&peer.name),
+                    packet: packet.to_vec(),
+                }) {
+                    Ok(()) => counters.forwarded.fetch_add(1, Relaxed),
+                    Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                        counters.forward_queue_full.fetch_add(1, Relaxed)
+                    }
+                };
+            } else {
+                if tun_batch.is_full() {
+                    write_tun(tun, &mut tun_batch, counters);
+                }
+                tun_batch.push(packet);
+            }
+        }
+        counters.udp_rx_datagrams.fetch_add(n, Relaxed);
+        write_tun(tun, &mut tun_batch, counters);
+        send(udp, &mut replies, counters);
+    }
+}
+
+fn write_tun(tun: &TunDevice, batch: &mut crate::io::tun::TunSendBatch, counters: &DriverCounters) {
+    if batch.is_empty() {
+        return;
+    }
+    let failed = |b: &crate::io::tun::TunSendBatch| {
+        let s = b.stats();
+        s.rejected + s.invalid
+    };
+    let before = failed(batch);
+    match tun.send_batch(batch) {
+        Ok(written) => {
+            counters.tun_tx_packets.fetch_add(written as u64, Relaxed);
+            counters
+                .tun_tx_errors
+                .fetch_add(failed(batch).saturating_sub(before), Relaxed);
+        }
+        Err(e) => {
+            counters.tun_tx_errors.fetch_add(1, Relaxed);
+            io_error(counters, "TUN write", &e);
+        }
+    }
+}
+
+fn timer_loop(core: &Core, udp: &UdpSocket, stop: &AtomicBool, counters: &DriverCounters) {
+    let mut batch = SendBatch::new(64);
+    let mut scratch = vec![0u8; BUF];
+    while !stop.load(Relaxed) {
+        std::thread::sleep(TIMER_TICK);
+        core.update_timers(&mut scratch, &mut |dst, msg| batch.push(dst, msg));
+        send(udp, &mut batch, counters);
+    }
+}

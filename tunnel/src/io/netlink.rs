@@ -1,0 +1,601 @@
+//! A minimal synchronous rtnetlink (NETLINK_ROUTE) client: just the link, address and
+//! route operations the tunnel needs.
+//!
+//! Why not `netlink-packet-route` + `netlink-sys`: they are sync-capable, but they bring
+//! a large generic message model (and frequent breaking releases) for the five fixed
+//! messages we send; the wire format below is the stable kernel UAPI and is encoded
+//! without `unsafe` (headers are written field by field). The only `unsafe` is the
+//! socket syscalls themselves.
+//!
+//! Each call opens its own socket (control-plane operations are rare), so the socket
+//! lives in the network namespace of the calling thread.
+
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::Duration;
+
+use super::sys::{context, context_detail, last_error, setsockopt_int};
+
+// --- UAPI constants (linux/netlink.h, linux/rtnetlink.h, linux/if_link.h, linux/if_addr.h).
+const NETLINK_ROUTE: i32 = 0;
+const SOL_NETLINK: i32 = 270;
+const NETLINK_CAP_ACK: i32 = 10;
+const NETLINK_EXT_ACK: i32 = 11;
+
+const NLMSG_HDRLEN: usize = 16;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+pub(crate) const NLM_F_REPLACE: u16 = 0x100;
+pub(crate) const NLM_F_CREATE: u16 = 0x400;
+const NLM_F_DUMP: u16 = 0x300;
+const NLM_F_ACK_TLVS: u16 = 0x200;
+const NLMSGERR_ATTR_MSG: u16 = 1;
+
+const RTM_NEWLINK: u16 = 16;
+const RTM_GETLINK: u16 = 18;
+const RTM_NEWADDR: u16 = 20;
+const RTM_NEWROUTE: u16 = 24;
+const RTM_DELROUTE: u16 = 25;
+const RTM_GETROUTE: u16 = 26;
+
+const IFLA_IFNAME: u16 = 3;
+const IFLA_MTU: u16 = 4;
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_INFO_KIND: u16 = 1;
+
+const IFA_ADDRESS: u16 = 1;
+const IFA_LOCAL: u16 = 2;
+const IFA_FLAGS: u16 = 8;
+const IFA_F_NODAD: u32 = 0x02;
+
+const RTA_DST: u16 = 1;
+const RTA_OIF: u16 = 4;
+const RTA_TABLE: u16 = 15;
+
+pub(crate) const RT_TABLE_MAIN: u32 = 254;
+const RTPROT_STATIC: u8 = 4;
+const RT_SCOPE_UNIVERSE: u8 = 0;
+const RT_SCOPE_LINK: u8 = 253;
+const RT_SCOPE_NOWHERE: u8 = 255;
+pub(crate) const RTN_UNICAST: u8 = 1;
+
+const NLA_TYPE_MASK: u16 = !(0x8000 | 0x4000);
+
+const RECV_BUF: usize = 64 * 1024;
+const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A link as reported by RTM_GETLINK.
+#[derive(Debug, Clone)]
+pub(crate) struct Link {
+    pub mtu: Option<u32>,
+    /// `IFLA_INFO_KIND` ("tun" for TUN/TAP devices, "veth", ...); `None` for devices
+    /// without rtnl link ops (e.g. loopback).
+    pub kind: Option<String>,
+}
+
+/// A route as reported by an RTM_GETROUTE dump.
+#[derive(Debug, Clone)]
+pub(crate) struct Route {
+    pub dst: IpAddr,
+    pub prefix_len: u8,
+    pub oif: Option<u32>,
+    pub table: u32,
+    pub route_type: u8,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RouteOp {
+    /// RTM_NEWROUTE with NLM_F_CREATE | NLM_F_REPLACE.
+    Replace,
+    /// RTM_DELROUTE.
+    Delete,
+}
+
+/// One message under construction. Headers are encoded field by field in native byte
+/// order, as the kernel expects.
+struct Msg {
+    buf: Vec<u8>,
+}
+
+impl Msg {
+    fn new(ty: u16, flags: u16) -> Msg {
+        let mut buf = Vec::with_capacity(256);
+        buf.extend_from_slice(&[0u8; NLMSG_HDRLEN]);
+        buf[4..6].copy_from_slice(&ty.to_ne_bytes());
+        buf[6..8].copy_from_slice(&(flags | NLM_F_REQUEST).to_ne_bytes());
+        Msg { buf }
+    }
+
+    fn pad(&mut self) {
+        while !self.buf.len().is_multiple_of(4) {
+            self.buf.push(0);
+        }
+    }
+
+    /// Appends a fixed family header (ifinfomsg, ifaddrmsg, rtmsg) given as bytes.
+    fn header(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+        self.pad();
+    }
+
+    fn attr(&mut self, ty: u16, data: &[u8]) {
+        let len = (4 + data.len()) as u16;
+        self.buf.extend_from_slice(&len.to_ne_bytes());
+        self.buf.extend_from_slice(&ty.to_ne_bytes());
+        self.buf.extend_from_slice(data);
+        self.pad();
+    }
+
+    fn attr_u32(&mut self, ty: u16, v: u32) {
+        self.attr(ty, &v.to_ne_bytes());
+    }
+
+    fn finish(&mut self, seq: u32) -> &[u8] {
+        let len = self.buf.len() as u32;
+        self.buf[0..4].copy_from_slice(&len.to_ne_bytes());
+        self.buf[8..12].copy_from_slice(&seq.to_ne_bytes());
+        &self.buf
+    }
+}
+
+fn ifinfomsg(family: u8, index: u32, flags: u32, change: u32) -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h[0] = family;
+    h[4..8].copy_from_slice(&index.to_ne_bytes());
+    h[8..12].copy_from_slice(&flags.to_ne_bytes());
+    h[12..16].copy_from_slice(&change.to_ne_bytes());
+    h
+}
+
+fn ifaddrmsg(family: u8, prefix_len: u8, flags: u8, scope: u8, index: u32) -> [u8; 8] {
+    let mut h = [0u8; 8];
+    h[0] = family;
+    h[1] = prefix_len;
+    h[2] = flags;
+    h[3] = scope;
+    h[4..8].copy_from_slice(&index.to_ne_bytes());
+    h
+}
+
+fn rtmsg(family: u8, dst_len: u8, table: u8, protocol: u8, scope: u8, rtype: u8) -> [u8; 12] {
+    [
+        family, dst_len, 0, 0, table, protocol, scope, rtype, 0, 0, 0, 0,
+    ]
+}
+
+fn family_of(ip: IpAddr) -> u8 {
+    match ip {
+        IpAddr::V4(_) => libc::AF_INET as u8,
+        IpAddr::V6(_) => libc::AF_INET6 as u8,
+    }
+}
+
+fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
+fn ip_from_bytes(b: &[u8]) -> Option<IpAddr> {
+    match b.len() {
+        4 => Some(IpAddr::from(<[u8; 4]>::try_from(b).ok()?)),
+        16 => Some(IpAddr::from(<[u8; 16]>::try_from(b).ok()?)),
+        _ => None,
+    }
+}
+
+fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// Iterates `(type, payload)` of the netlink attributes in `data`, stopping at the first
+/// malformed one.
+fn attrs(mut data: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        let len = usize::from(u16_at(data, 0)?);
+        let ty = u16_at(data, 2)? & NLA_TYPE_MASK;
+        if len < 4 || len > data.len() {
+            return None;
+        }
+        let payload = &data[4..len];
+        let next = (len + 3) & !3;
+        data = data.get(next..).unwrap_or(&[]);
+        Some((ty, payload))
+    })
+}
+
+fn msg_name(ty: u16) -> &'static str {
+    match ty {
+        RTM_NEWLINK => "RTM_NEWLINK",
+        RTM_GETLINK => "RTM_GETLINK",
+        RTM_NEWADDR => "RTM_NEWADDR",
+        RTM_NEWROUTE => "RTM_NEWROUTE",
+        RTM_DELROUTE => "RTM_DELROUTE",
+        RTM_GETROUTE => "RTM_GETROUTE",
+        _ => "netlink request",
+    }
+}
+
+pub(crate) struct Netlink {
+    fd: OwnedFd,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+impl Netlink {
+    /// Opens a NETLINK_ROUTE socket in the calling thread's network namespace.
+    pub(crate) fn open() -> io::Result<Netlink> {
+        // SAFETY: plain socket(2) call with constant arguments; the result is checked.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                NETLINK_ROUTE,
+            )
+        };
+        if fd < 0 {
+            return Err(context(last_error(), "open rtnetlink socket"));
+        }
+        // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_nl is plain old data for which all-zeroes is valid.
+        let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        // SAFETY: `sa` is a live sockaddr_nl and we pass its exact size.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&raw const sa).cast(),
+                size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(context(last_error(), "bind rtnetlink socket"));
+        }
+        // Best effort: extended acks give the kernel's own error text; capped acks keep
+        // error replies small. Old kernels without them still work.
+        let _ = setsockopt_int(fd.as_raw_fd(), SOL_NETLINK, NETLINK_EXT_ACK, 1);
+        let _ = setsockopt_int(fd.as_raw_fd(), SOL_NETLINK, NETLINK_CAP_ACK, 1);
+        let tv = libc::timeval {
+            tv_sec: REPLY_TIMEOUT.as_secs() as libc::time_t,
+            tv_usec: 0,
+        };
+        // SAFETY: `tv` is a live timeval and we pass its exact size.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const tv).cast(),
+                size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(context(last_error(), "set rtnetlink receive timeout"));
+        }
+        Ok(Netlink {
+            fd,
+            seq: 0,
+            buf: vec![0u8; RECV_BUF],
+        })
+    }
+
+    /// Sends `msg` (with NLM_F_ACK) and processes replies until the ack or the end of a
+    /// dump; `on_msg(type, payload)` sees every data message of this request.
+    fn transact(&mut self, mut msg: Msg, mut on_msg: impl FnMut(u16, &[u8])) -> io::Result<()> {
+        self.seq = self.seq.wrapping_add(1);
+        let seq = self.seq;
+        let ty = u16_at(&msg.buf, 4).unwrap_or(0);
+        let flags = u16_at(&msg.buf, 6).unwrap_or(0) | NLM_F_ACK;
+        msg.buf[6..8].copy_from_slice(&flags.to_ne_bytes());
+        let bytes = msg.finish(seq);
+        // SAFETY: sockaddr_nl is plain old data; all-zeroes addresses the kernel (pid 0).
+        let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        loop {
+            // SAFETY: `bytes` is a live buffer of the given length and `sa` a live
+            // sockaddr_nl of the given size; the kernel only reads them.
+            let rc = unsafe {
+                libc::sendto(
+                    self.fd.as_raw_fd(),
+                    bytes.as_ptr().cast(),
+                    bytes.len(),
+                    0,
+                    (&raw const sa).cast(),
+                    size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+                )
+            };
+            if rc >= 0 {
+                break;
+            }
+            let err = last_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(context(err, format!("send {}", msg_name(ty))));
+            }
+        }
+        let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
+        loop {
+            // SAFETY: `self.buf` is a live, writable buffer of the given length.
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    self.buf.as_mut_ptr().cast(),
+                    self.buf.len(),
+                    0,
+                )
+            };
+            if n < 0 {
+                let err = last_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(context(
+                    err,
+                    format!("receive {} reply from the kernel", msg_name(ty)),
+                ));
+            }
+            let mut data = &self.buf[..n as usize];
+            while data.len() >= NLMSG_HDRLEN {
+                let len = u32_at(data, 0).unwrap_or(0) as usize;
+                if len < NLMSG_HDRLEN || len > data.len() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("malformed netlink reply to {}", msg_name(ty)),
+                    ));
+                }
+                let mty = u16_at(data, 4).unwrap_or(0);
+                let mflags = u16_at(data, 6).unwrap_or(0);
+                let mseq = u32_at(data, 8).unwrap_or(0);
+                let payload = &data[NLMSG_HDRLEN..len];
+                data = data.get((len + 3) & !3..).unwrap_or(&[]);
+                if mseq != seq {
+                    continue; // a stale reply to an earlier request
+                }
+                match mty {
+                    NLMSG_ERROR => {
+                        let code = u32_at(payload, 0).map(|c| c as i32).unwrap_or(-libc::EIO);
+                        if code == 0 {
+                            return Ok(()); // the ack
+                        }
+                        let err = io::Error::from_raw_os_error(-code);
+                        let what = format!("netlink {}", msg_name(ty));
+                        return Err(match ext_ack_message(payload, mflags) {
+                            Some(text) => context_detail(err, what, format!("kernel: {text}")),
+                            None => context(err, what),
+                        });
+                    }
+                    NLMSG_DONE if dump => {
+                        let code = u32_at(payload, 0).map(|c| c as i32).unwrap_or(0);
+                        if code < 0 {
+                            return Err(context(
+                                io::Error::from_raw_os_error(-code),
+                                format!("netlink {} dump", msg_name(ty)),
+                            ));
+                        }
+                        return Ok(());
+                    }
+                    _ => on_msg(mty, payload),
+                }
+            }
+        }
+    }
+
+    /// Looks a link up by name; `Ok(None)` if there is none.
+    pub(crate) fn link_by_name(&mut self, name: &str) -> io::Result<Option<Link>> {
+        let mut msg = Msg::new(RTM_GETLINK, 0);
+        msg.header(&ifinfomsg(libc::AF_UNSPEC as u8, 0, 0, 0));
+        let mut cname = name.as_bytes().to_vec();
+        cname.push(0);
+        msg.attr(IFLA_IFNAME, &cname);
+        let mut found = None;
+        let res = self.transact(msg, |ty, payload| {
+            if ty == RTM_NEWLINK {
+                found = parse_link(payload);
+            }
+        });
+        match res {
+            Ok(()) => Ok(found),
+            Err(e) if super::sys::os_error_of(&e) == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(context(e, format!("look up interface {name}"))),
+        }
+    }
+
+    /// Sets MTU and/or administrative state of a link.
+    pub(crate) fn set_link(
+        &mut self,
+        index: u32,
+        up: Option<bool>,
+        mtu: Option<u32>,
+    ) -> io::Result<()> {
+        let (flags, change) = match up {
+            Some(true) => (libc::IFF_UP as u32, libc::IFF_UP as u32),
+            Some(false) => (0, libc::IFF_UP as u32),
+            None => (0, 0),
+        };
+        let mut msg = Msg::new(RTM_NEWLINK, 0);
+        msg.header(&ifinfomsg(libc::AF_UNSPEC as u8, index, flags, change));
+        if let Some(mtu) = mtu {
+            msg.attr_u32(IFLA_MTU, mtu);
+        }
+        self.transact(msg, |_, _| {})
+    }
+
+    /// Adds (or replaces) an address without duplicate address detection.
+    pub(crate) fn add_address(&mut self, index: u32, ip: IpAddr, prefix_len: u8) -> io::Result<()> {
+        let mut msg = Msg::new(RTM_NEWADDR, NLM_F_CREATE | NLM_F_REPLACE);
+        msg.header(&ifaddrmsg(
+            family_of(ip),
+            prefix_len,
+            IFA_F_NODAD as u8,
+            RT_SCOPE_UNIVERSE,
+            index,
+        ));
+        let bytes = ip_bytes(&ip);
+        if ip.is_ipv4() {
+            msg.attr(IFA_LOCAL, &bytes);
+        }
+        msg.attr(IFA_ADDRESS, &bytes);
+        msg.attr_u32(IFA_FLAGS, IFA_F_NODAD);
+        self.transact(msg, |_, _| {})
+    }
+
+    /// Adds/replaces or deletes the main-table route `dst/prefix_len dev index`.
+    pub(crate) fn route(
+        &mut self,
+        op: RouteOp,
+        index: u32,
+        dst: IpAddr,
+        prefix_len: u8,
+    ) -> io::Result<()> {
+        let (ty, flags, proto, scope) = match op {
+            RouteOp::Replace => {
+                let scope = if dst.is_ipv4() {
+                    RT_SCOPE_LINK
+                } else {
+                    RT_SCOPE_UNIVERSE
+                };
+                (
+                    RTM_NEWROUTE,
+                    NLM_F_CREATE | NLM_F_REPLACE,
+                    RTPROT_STATIC,
+                    scope,
+                )
+            }
+            // Protocol 0 and scope NOWHERE match a route of any origin and scope, as
+            // `ip route del` does; the device still has to match.
+            RouteOp::Delete => (RTM_DELROUTE, 0, 0, RT_SCOPE_NOWHERE),
+        };
+        let mut msg = Msg::new(ty, flags);
+        msg.header(&rtmsg(
+            family_of(dst),
+            prefix_len,
+            RT_TABLE_MAIN as u8,
+            proto,
+            scope,
+            RTN_UNICAST,
+        ));
+        if prefix_len > 0 {
+            msg.attr(RTA_DST, &ip_bytes(&dst));
+        }
+        msg.attr_u32(RTA_OIF, index);
+        msg.attr_u32(RTA_TABLE, RT_TABLE_MAIN);
+        self.transact(msg, |_, _| {})
+    }
+
+    /// Dumps all routes of one address family (all tables).
+    pub(crate) fn routes(&mut self, ipv6: bool) -> io::Result<Vec<Route>> {
+        let family = if ipv6 { libc::AF_INET6 } else { libc::AF_INET } as u8;
+        let mut msg = Msg::new(RTM_GETROUTE, NLM_F_DUMP);
+        msg.header(&rtmsg(family, 0, 0, 0, 0, 0));
+        let mut out = Vec::new();
+        self.transact(msg, |ty, payload| {
+            if ty == RTM_NEWROUTE
+                && let Some(r) = parse_route(payload)
+            {
+                out.push(r);
+            }
+        })?;
+        Ok(out)
+    }
+}
+
+/// Finds NLMSGERR_ATTR_MSG in an error reply sent with NETLINK_CAP_ACK (the original
+/// request's payload is then omitted, so the TLVs follow its 16-byte header).
+fn ext_ack_message(payload: &[u8], flags: u16) -> Option<String> {
+    if flags & NLM_F_ACK_TLVS == 0 {
+        return None;
+    }
+    // error code (4) + original nlmsghdr (16), payload capped.
+    let tlvs = payload.get(4 + NLMSG_HDRLEN..)?;
+    attrs(tlvs)
+        .find(|(ty, _)| *ty == NLMSGERR_ATTR_MSG)
+        .map(|(_, v)| {
+            let v = v.split(|b| *b == 0).next().unwrap_or(&[]);
+            String::from_utf8_lossy(v).into_owned()
+        })
+}
+
+fn parse_link(payload: &[u8]) -> Option<Link> {
+    payload.get(..16)?; // ifinfomsg
+    let mut link = Link {
+        mtu: None,
+        kind: None,
+    };
+    for (ty, v) in attrs(payload.get(16..)?) {
+        match ty {
+            IFLA_MTU => link.mtu = u32_at(v, 0),
+            IFLA_LINKINFO => {
+                for (ity, iv) in attrs(v) {
+                    if ity == IFLA_INFO_KIND {
+                        let iv = iv.split(|b| *b == 0).next().unwrap_or(&[]);
+                        link.kind = Some(String::from_utf8_lossy(iv).into_owned());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(link)
+}
+
+fn parse_route(payload: &[u8]) -> Option<Route> {
+    let family = *payload.first()?;
+    let prefix_len = *payload.get(1)?;
+    let mut table = u32::from(*payload.get(4)?);
+    let route_type = *payload.get(7)?;
+    let mut dst = None;
+    let mut oif = None;
+    for (ty, v) in attrs(payload.get(12..)?) {
+        match ty {
+            RTA_DST => dst = ip_from_bytes(v),
+            RTA_OIF => oif = u32_at(v, 0),
+            RTA_TABLE => table = u32_at(v, 0).unwrap_or(table),
+            _ => {}
+        }
+    }
+    let dst = match dst {
+        Some(d) => d,
+        None if family == libc::AF_INET as u8 => IpAddr::from([0u8; 4]),
+        None if family == libc::AF_INET6 as u8 => IpAddr::from([0u8; 16]),
+        None => return None,
+    };
+    Some(Route {
+        dst,
+        prefix_len,
+        oif,
+        table,
+        route_type,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attrs_parse_and_stop_on_garbage() {
+        let mut m = Msg::new(RTM_NEWROUTE, 0);
+        m.attr_u32(RTA_OIF, 7);
+        m.attr(RTA_DST, &[198, 18, 0, 0]);
+        m.attr(IFLA_IFNAME, b"abc\0");
+        let body = m.buf[NLMSG_HDRLEN..].to_vec();
+        let v: Vec<_> = attrs(&body).collect();
+        assert_eq!(v.len(), 3);
+        assert_eq!(v[0], (RTA_OIF, &7u32.to_ne_bytes()[..]));
+        assert_eq!(v[1].1, &[198, 18, 0, 0]);
+        assert_eq!(v[2].1, b"abc\0");
+        // A truncated attribute ends the iteration instead of panicking.
+        assert_eq!(attrs(&body[..body.len() - 3]).count(), 2);
+        assert_eq!(attrs(&[0xff, 0xff, 0, 0]).count(), 0);
+        assert_eq!(attrs(&[]).count(), 0);
+    }
+}

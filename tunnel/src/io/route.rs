@@ -1,0 +1,176 @@
+//! Per-peer kernel routes into the TUN device, over rtnetlink.
+//!
+//! Routes are installed in the main table with `proto static`, scope link (IPv4) or
+//! universe (IPv6), no gateway: "this prefix lives behind the mesh interface". The
+//! calls are synchronous and open a netlink socket each (they are control-plane
+//! operations, a handful per peer change), in the calling thread's network namespace.
+
+use std::io;
+use std::net::IpAddr;
+
+use super::netlink::{Netlink, RT_TABLE_MAIN, RTN_UNICAST, RouteOp};
+use super::sys::{context, ifname_or_index, os_error_of};
+
+/// Checks a prefix: length within the family's range and no host bits set.
+fn validate(dst: IpAddr, prefix_len: u8) -> io::Result<()> {
+    let (bits, max) = match dst {
+        IpAddr::V4(a) => (u128::from(u32::from(a)) << 96, 32u8),
+        IpAddr::V6(a) => (u128::from(a), 128u8),
+    };
+    if prefix_len > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("route {dst}/{prefix_len}: prefix length exceeds {max}"),
+        ));
+    }
+    let host_mask = u128::MAX.checked_shr(u32::from(prefix_len)).unwrap_or(0);
+    if bits & host_mask != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("route {dst}/{prefix_len}: address has bits set beyond the prefix length"),
+        ));
+    }
+    Ok(())
+}
+
+/// Adds the route `dst/prefix_len dev <ifindex>`, replacing an existing route for the
+/// same prefix (`NLM_F_CREATE | NLM_F_REPLACE`), so it is idempotent and also moves a
+/// prefix from another device.
+pub fn add_route(ifindex: u32, dst: IpAddr, prefix_len: u8) -> io::Result<()> {
+    validate(dst, prefix_len)?;
+    Netlink::open()
+        .and_then(|mut nl| nl.route(RouteOp::Replace, ifindex, dst, prefix_len))
+        .map_err(|e| {
+            context(
+                e,
+                format!(
+                    "add route {dst}/{prefix_len} dev {}",
+                    ifname_or_index(ifindex)
+                ),
+            )
+        })
+}
+
+/// Deletes the route `dst/prefix_len dev <ifindex>`. A route that does not exist (or a
+/// device that is gone) is not an error.
+pub fn del_route(ifindex: u32, dst: IpAddr, prefix_len: u8) -> io::Result<()> {
+    validate(dst, prefix_len)?;
+    match Netlink::open().and_then(|mut nl| nl.route(RouteOp::Delete, ifindex, dst, prefix_len)) {
+        Ok(()) => Ok(()),
+        Err(e)
+            if matches!(
+                os_error_of(&e),
+                Some(libc::ENOENT | libc::ESRCH | libc::ENODEV)
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(context(
+            e,
+            format!(
+                "delete route {dst}/{prefix_len} dev {}",
+                ifname_or_index(ifindex)
+            ),
+        )),
+    }
+}
+
+/// Lists the unicast main-table routes (both families) whose output device is
+/// `ifindex`, as `(prefix, prefix_len)`. Useful to reconcile the kernel's state with the
+/// peer set after a restart. Includes routes the kernel adds itself for the device's
+/// addresses (e.g. IPv6 `fe80::/64`, the address's own prefix).
+pub fn list_routes(ifindex: u32) -> io::Result<Vec<(IpAddr, u8)>> {
+    let mut nl = Netlink::open()
+        .map_err(|e| context(e, format!("list routes of {}", ifname_or_index(ifindex))))?;
+    let mut out = Vec::new();
+    for ipv6 in [false, true] {
+        let routes = nl
+            .routes(ipv6)
+            .map_err(|e| context(e, format!("list routes of {}", ifname_or_index(ifindex))))?;
+        out.extend(
+            routes
+                .into_iter()
+                .filter(|r| {
+                    r.oif == Some(ifindex)
+                        && r.table == RT_TABLE_MAIN
+                        && r.route_type == RTN_UNICAST
+                })
+                .map(|r| (r.dst, r.prefix_len)),
+        );
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::testutil::{in_netns, ip};
+    use crate::io::tun::{TunConfig, TunDevice};
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    #[test]
+    fn prefix_validation() {
+        let v4 = |s: &str| IpAddr::V4(s.parse::<Ipv4Addr>().unwrap());
+        let v6 = |s: &str| IpAddr::V6(s.parse::<Ipv6Addr>().unwrap());
+        assert!(validate(v4("198.18.0.0"), 15).is_ok());
+        assert!(validate(v4("198.18.0.1"), 32).is_ok());
+        assert!(validate(v4("0.0.0.0"), 0).is_ok());
+        assert!(validate(v4("198.18.0.1"), 24).is_err());
+        assert!(validate(v4("198.18.0.0"), 33).is_err());
+        assert!(validate(v6("fd00:1::"), 64).is_ok());
+        assert!(validate(v6("fd00:1::1"), 128).is_ok());
+        assert!(validate(v6("fd00:1::1"), 64).is_err());
+        assert!(validate(v6("::"), 0).is_ok());
+        assert!(validate(v6("fd00::"), 129).is_err());
+        let e = validate(v6("fd00:1::1"), 64).unwrap_err();
+        assert!(e.to_string().contains("fd00:1::1/64"), "{e}");
+    }
+
+    #[test]
+    fn add_and_delete_routes() {
+        in_netns("add_and_delete_routes", || {
+            let dev = TunDevice::create(&TunConfig {
+                name: "flyrt0".into(),
+                mtu: 1420,
+                ipv6: "fd00::1".parse().unwrap(),
+                ipv4: Some("198.18.0.1".parse().unwrap()),
+                offload: false,
+            })
+            .expect("create TUN");
+            let idx = dev.ifindex();
+            let p6: IpAddr = "fd00:1::".parse().unwrap();
+            let p4: IpAddr = "198.19.7.0".parse().unwrap();
+
+            add_route(idx, p6, 64).expect("add v6 route");
+            add_route(idx, p6, 64).expect("re-adding replaces, not an error");
+            add_route(idx, p4, 24).expect("add v4 route");
+            let out6 = ip(&["-6", "route", "show", "dev", "flyrt0"]);
+            assert!(out6.contains("fd00:1::/64"), "ip -6 route: {out6}");
+            let out4 = ip(&["-4", "route", "show", "dev", "flyrt0"]);
+            assert!(out4.contains("198.19.7.0/24"), "ip -4 route: {out4}");
+            assert_eq!(out6.matches("fd00:1::/64").count(), 1, "{out6}");
+            let listed = list_routes(idx).unwrap();
+            assert!(listed.contains(&(p6, 64)), "{listed:?}");
+            assert!(listed.contains(&(p4, 24)), "{listed:?}");
+
+            del_route(idx, p6, 64).expect("delete v6 route");
+            del_route(idx, p4, 24).expect("delete v4 route");
+            let out6 = ip(&["-6", "route", "show", "dev", "flyrt0"]);
+            assert!(!out6.contains("fd00:1::/64"), "ip -6 route: {out6}");
+            let out4 = ip(&["-4", "route", "show", "dev", "flyrt0"]);
+            assert!(!out4.contains("198.19.7.0/24"), "ip -4 route: {out4}");
+            // Deleting again is fine.
+            del_route(idx, p6, 64).expect("deleting a missing route is Ok");
+            assert!(!list_routes(idx).unwrap().contains(&(p6, 64)));
+
+            // Errors name the route and the device.
+            let e = add_route(99_999, p6, 64).unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                msg.contains("fd00:1::/64") && msg.contains("99999"),
+                "{msg}"
+            );
+            assert!(add_route(idx, "fd00:1::1".parse().unwrap(), 64).is_err());
+        });
+    }
+}
