@@ -35,10 +35,12 @@ fn wg_keys() -> (tempfile::TempDir, String) {
     let private = run(std::process::Command::new("wg").arg("genkey")).expect("wg genkey");
     let path = dir.path().join("private.key");
     std::fs::write(&path, &private.stdout).expect("key");
-    let public = run(std::process::Command::new("wg")
+    let public = std::process::Command::new("wg")
         .arg("pubkey")
-        .stdin(std::fs::File::open(&path).expect("key")))
-    .expect("wg pubkey");
+        .stdin(std::fs::File::open(&path).expect("key"))
+        .output()
+        .expect("wg pubkey");
+    assert!(public.status.success(), "wg pubkey failed");
     (
         dir,
         String::from_utf8_lossy(&public.stdout).trim().to_owned(),
@@ -54,7 +56,9 @@ fn start_wireguard_go(
 ) -> WgGo {
     // The UAPI socket lives in /var/run/wireguard, shared by all namespaces: the name
     // must be unique on the machine.
-    let iface = format!("wgi{}", std::process::id() % 1_000_000);
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let iface = format!("wgi{}-{n}", std::process::id() % 1_000_000);
     let child = ChildGuard::spawn(
         host.ns
             .command("wireguard-go")

@@ -1195,4 +1195,66 @@ mod tests {
         }
         assert_eq!(h.join().unwrap().sent, 16);
     }
+
+    /// Loopback throughput of 1452-byte datagrams (a WireGuard data packet for a 1420
+    /// MTU) with and without GSO/GRO; receiver on its own thread. Run with
+    /// `--ignored --nocapture`, ideally in release mode.
+    #[test]
+    #[ignore = "benchmark"]
+    fn bench_udp_gso_effect() {
+        fn run(gso: bool, total: usize) -> (f64, usize) {
+            let rx = UdpSocket::bind("127.0.0.1:0".parse().unwrap(), 32 << 20).unwrap();
+            let tx = UdpSocket::bind("127.0.0.1:0".parse().unwrap(), 32 << 20).unwrap();
+            tx.set_gso(gso);
+            let to = rx.local_addr().unwrap();
+            let t = Instant::now();
+            let recv = std::thread::spawn(move || {
+                let mut rb = RecvBatch::new(64);
+                let mut got = 0;
+                let mut idle = 0;
+                while got < total && idle < 5 {
+                    let n = rx.recv_batch(&mut rb).unwrap();
+                    if n == 0 {
+                        idle += 1;
+                    }
+                    got += rb.datagrams();
+                }
+                got
+            });
+            let mut b = SendBatch::new(128);
+            let payload = [0x5au8; 1452];
+            let mut syscalls = 0;
+            let mut sent = 0;
+            while sent < total {
+                for _ in 0..128 {
+                    b.push(to, &payload);
+                }
+                let st = tx.send_batch(&mut b).unwrap();
+                syscalls += st.syscalls;
+                sent += 128;
+            }
+            let got = recv.join().unwrap();
+            let secs = t.elapsed().as_secs_f64();
+            eprintln!(
+                "gso={gso}: {got}/{sent} datagrams received in {secs:.2}s = {:.0} kpps ({:.2} Gbit/s payload), {syscalls} sendmmsg calls",
+                got as f64 / secs / 1e3,
+                got as f64 * 1452.0 * 8.0 / secs / 1e9
+            );
+            (got as f64 / secs, got)
+        }
+        let mut on = Vec::new();
+        let mut off = Vec::new();
+        for _ in 0..3 {
+            off.push(run(false, 500_000).0);
+            on.push(run(true, 500_000).0);
+        }
+        off.sort_by(f64::total_cmp);
+        on.sort_by(f64::total_cmp);
+        eprintln!(
+            "median: GSO off {:.0} kpps, on {:.0} kpps, ratio {:.1}x",
+            off[1] / 1e3,
+            on[1] / 1e3,
+            on[1] / off[1]
+        );
+    }
 }
