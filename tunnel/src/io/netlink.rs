@@ -45,6 +45,7 @@ const RTM_GETROUTE: u16 = 26;
 const IFLA_IFNAME: u16 = 3;
 const IFLA_MTU: u16 = 4;
 const IFLA_LINKINFO: u16 = 18;
+const IFLA_GSO_MAX_SEGS: u16 = 40;
 const IFLA_INFO_KIND: u16 = 1;
 
 const IFA_ADDRESS: u16 = 1;
@@ -426,6 +427,14 @@ impl Netlink {
         if let Some(mtu) = mtu {
             msg.attr_u32(IFLA_MTU, mtu);
         }
+        self.transact(msg, |_, _| {})
+    }
+
+    /// Caps the number of segments the kernel puts in one GSO packet for this link.
+    pub(crate) fn set_gso_max_segs(&mut self, index: u32, segs: u32) -> io::Result<()> {
+        let mut msg = Msg::new(RTM_NEWLINK, 0);
+        msg.header(&ifinfomsg(libc::AF_UNSPEC as u8, index, 0, 0));
+        msg.attr_u32(IFLA_GSO_MAX_SEGS, segs);
         self.transact(msg, |_, _| {})
     }
 

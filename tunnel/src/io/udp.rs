@@ -92,7 +92,7 @@ fn raw_v6(ip: Ipv6Addr, port: u16, flowinfo: u32, scope_id: u32) -> (RawAddr, li
     let mut s: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
     s.sin6_family = libc::AF_INET6 as libc::sa_family_t;
     s.sin6_port = port.to_be();
-    s.sin6_flowinfo = flowinfo.to_be();
+    s.sin6_flowinfo = flowinfo; // as std: the raw field value
     s.sin6_addr = libc::in6_addr {
         s6_addr: ip.octets(),
     };
@@ -141,7 +141,7 @@ fn from_raw(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
                 None => SocketAddr::V6(SocketAddrV6::new(
                     ip,
                     port,
-                    u32::from_be(a.sin6_flowinfo),
+                    a.sin6_flowinfo,
                     a.sin6_scope_id,
                 )),
             })
@@ -417,9 +417,15 @@ impl UdpSocket {
         let n = batch.entries.len();
         let mut start = 0;
         let mut deadline: Option<Instant> = None;
+        // Once refused in this call, never retry GSO in it (even if someone switches it
+        // back on concurrently), so every retry makes progress.
+        let mut refused = false;
+        // Entries before this index are sent one per message (a GSO message of theirs
+        // exceeded the path MTU).
+        let mut singles_until = 0;
         'plan: while start < n {
-            let gso = self.gso.load(Ordering::Relaxed);
-            let (m, end) = batch.plan(start, gso, self.socket_v6, &mut stats);
+            let gso = !refused && self.gso.load(Ordering::Relaxed);
+            let (m, end) = batch.plan(start, gso, singles_until, self.socket_v6, &mut stats);
             let mut i = 0;
             while i < m {
                 stats.syscalls += 1;
@@ -475,7 +481,17 @@ impl UdpSocket {
                                 "UDP GSO refused by the kernel; sending one datagram per message from now on"
                             );
                         }
+                        refused = true;
                         start = batch.raw.groups[i].first;
+                        continue 'plan;
+                    }
+                    libc::EMSGSIZE if batch.raw.groups[i].count > 1 => {
+                        // Segments larger than the path MTU: a property of this path,
+                        // not of GSO. Send these datagrams one per message, which lets
+                        // the kernel fragment (or refuse) each as it would without GSO.
+                        let g = batch.raw.groups[i];
+                        singles_until = g.first + g.count;
+                        start = g.first;
                         continue 'plan;
                     }
                     libc::EBADF | libc::ENOTSOCK | libc::EFAULT => {
@@ -820,13 +836,15 @@ impl SendBatch {
         self.commit(payload.len());
     }
 
-    /// Groups entries `start..` into at most MAX_MSGS_PER_CALL messages and fills the
-    /// mmsghdr array. Entries whose destination the socket cannot reach are counted as
-    /// dropped. Returns (messages, first entry not planned).
+    /// Groups entries `start..` into at most MAX_MSGS_PER_CALL messages (coalescing only
+    /// from entry `singles_until` on) and fills the mmsghdr array. Entries whose
+    /// destination the socket cannot reach are counted as dropped. Returns (messages,
+    /// first entry not planned).
     fn plan(
         &mut self,
         start: usize,
         gso: bool,
+        singles_until: usize,
         socket_v6: bool,
         stats: &mut SendStats,
     ) -> (usize, usize) {
@@ -838,7 +856,7 @@ impl SendBatch {
             let first = entries[i];
             let mut count = 1;
             let mut bytes = first.len;
-            if gso && first.len > 0 {
+            if gso && first.len > 0 && i >= singles_until {
                 let seg = first.len;
                 while let Some(next) = entries.get(i + count) {
                     let prev = entries[i + count - 1];
