@@ -1129,6 +1129,53 @@ mod tests {
     }
 
     #[test]
+    fn udp_gso_segments_beyond_path_mtu_are_resent_singly() {
+        use crate::io::testutil::in_netns;
+        use crate::io::tun::{TunConfig, TunDevice};
+        in_netns("udp_gso_segments_beyond_path_mtu_are_resent_singly", || {
+            // A path with MTU 1280 (a TUN device), datagrams of 1400 bytes: a GSO
+            // message is refused (EMSGSIZE on current kernels), each datagram alone is
+            // fragmented by the kernel as without GSO.
+            let dev = TunDevice::create(&TunConfig {
+                name: "flymtu0".into(),
+                mtu: 1280,
+                ipv6: "fd00::1".parse().unwrap(),
+                ipv4: Some("198.18.0.1".parse().unwrap()),
+                offload: false,
+            })
+            .unwrap();
+            crate::io::route::add_route(dev.ifindex(), "198.19.2.0".parse().unwrap(), 24).unwrap();
+            let tx = UdpSocket::bind("198.18.0.1:0".parse().unwrap(), 1 << 20).unwrap();
+            let gso_before = tx.gso_enabled();
+            let mut b = SendBatch::new(16);
+            let to: SocketAddr = "198.19.2.2:5555".parse().unwrap();
+            for i in 0..10u8 {
+                b.push(to, &[i; 1400]);
+            }
+            let st = tx.send_batch(&mut b).unwrap();
+            assert_eq!((st.sent, st.dropped), (10, 0), "{st:?}");
+            assert_eq!(st.messages, 10, "{st:?}");
+            eprintln!(
+                "gso before {gso_before}, after {}: {st:?}",
+                tx.gso_enabled()
+            );
+            let mut rb = dev.new_recv_batch(64);
+            let mut frags = 0;
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while frags < 20 && Instant::now() < deadline {
+                dev.recv_batch(&mut rb).unwrap();
+                for p in rb.iter() {
+                    if p[0] >> 4 == 4 && p[9] == 17 {
+                        assert!(p.len() <= 1280);
+                        frags += 1;
+                    }
+                }
+            }
+            assert_eq!(frags, 20, "each datagram arrives in two fragments");
+        });
+    }
+
+    #[test]
     fn udp_unreachable_family_is_dropped_not_fatal() {
         let rx = UdpSocket::bind("127.0.0.1:0".parse().unwrap(), 0).unwrap();
         let tx = UdpSocket::bind("127.0.0.1:0".parse().unwrap(), 0).unwrap();
