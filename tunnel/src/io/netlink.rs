@@ -63,6 +63,7 @@ const RT_SCOPE_UNIVERSE: u8 = 0;
 const RT_SCOPE_LINK: u8 = 253;
 const RT_SCOPE_NOWHERE: u8 = 255;
 pub(crate) const RTN_UNICAST: u8 = 1;
+pub(crate) const RTN_LOCAL: u8 = 2;
 
 const NLA_TYPE_MASK: u16 = !(0x8000 | 0x4000);
 
@@ -498,6 +499,33 @@ impl Netlink {
         msg.attr_u32(RTA_OIF, index);
         msg.attr_u32(RTA_TABLE, RT_TABLE_MAIN);
         self.transact(msg, |_, _| {})
+    }
+
+    /// The type (RTN_LOCAL, RTN_UNICAST, ...) of the route the kernel would use to reach
+    /// `dst`; `None` if it has none (unreachable).
+    pub(crate) fn route_type_to(&mut self, dst: IpAddr) -> io::Result<Option<u8>> {
+        let bits = if dst.is_ipv4() { 32 } else { 128 };
+        let mut msg = Msg::new(RTM_GETROUTE, 0);
+        msg.header(&rtmsg(family_of(dst), bits, 0, 0, 0, 0));
+        msg.attr(RTA_DST, &ip_bytes(&dst));
+        let mut found = None;
+        let res = self.transact(msg, |ty, payload| {
+            if ty == RTM_NEWROUTE {
+                found = payload.get(7).copied();
+            }
+        });
+        match res {
+            Ok(()) => Ok(found),
+            Err(e)
+                if matches!(
+                    super::sys::os_error_of(&e),
+                    Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::ESRCH)
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Dumps all routes of one address family (all tables).

@@ -166,6 +166,7 @@ mod tests {
             // Errors name the route and the device.
             let e = add_route(99_999, p6, 64).unwrap_err();
             let msg = e.to_string();
+            eprintln!("error for a missing device: {msg}");
             assert!(
                 msg.contains("fd00:1::/64") && msg.contains("99999"),
                 "{msg}"

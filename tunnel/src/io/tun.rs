@@ -18,7 +18,16 @@
 //!   checksums) and writes each result. Each write is accounted separately: a packet
 //!   the kernel rejects is counted, not fatal.
 //!
+//! The device's `gso_max_segs` is set to [`TUN_GSO_MAX_SEGS`] so that no super-packet
+//! has more segments than an empty receive batch has slots (the kernel segments larger
+//! ones in software), whatever MSS a TCP peer advertises.
+//!
 //! With offload off, every `read`/`write` is one IP packet, as with a classic TUN.
+//!
+//! Measured here (release build, one thread reading a TCP flow from the TUN, splitting,
+//! re-coalescing and writing it back, CPU time of that thread including the kernel
+//! work in its syscalls): about 2.6 µs per packet with offload off, 1.05 µs with it on,
+//! and ~38 packets per `read`/`write` instead of one.
 //!
 //! Buffers: [`TunSendBatch`] keeps [`VIRTIO_NET_HDR_LEN`] bytes of headroom in front
 //! of every packet, so the decryptor writes plaintext straight into the slice from
@@ -27,10 +36,13 @@
 //! Caveats, from `tun-rs` 2.8: `gso_split`, `VirtioNetHdr`, `checksum` and
 //! `GROTable::apply_gro` are public but `#[doc(hidden)]` (pin the minor version), and its
 //! GRO copies each TCP/UDP candidate packet into a temporary `Vec` (one small allocation
-//! per packet on the offload write path, inside the dependency).
+//! per packet on the offload write path, inside the dependency; GRO costs ~250 ns per
+//! 1400-byte packet, checksum verification and copies included). Send buffers whose
+//! virtio header GRO did not write were merged into another buffer; that is how
+//! [`TunDevice::send_batch`] knows which buffers to write (see `write_coalesced`).
 
 use std::io::{self, IoSliceMut};
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -39,7 +51,7 @@ use tun_rs::{DeviceBuilder, ExpandBuffer, GROTable, SyncDevice, VirtioNetHdr};
 
 pub use tun_rs::{IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
-use super::netlink::Netlink;
+use super::netlink::{Netlink, RTN_LOCAL};
 use super::sys::{ResultExt, context, os_error_of, poll_one};
 
 /// Smallest MTU: the device always carries IPv6, which needs 1280.
@@ -50,6 +62,8 @@ pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_millis(200);
 /// link's `gso_max_segs`; beyond it the kernel segments in software). Every receive
 /// batch has at least this many slots, so any super-packet fits an empty batch.
 pub const TUN_GSO_MAX_SEGS: usize = 64;
+/// How long `create` waits for its addresses to become usable.
+const ADDRESS_READY_TIMEOUT: Duration = Duration::from_secs(3);
 /// Largest IP packet.
 const MAX_IP_PACKET: usize = 65_535;
 /// Bytes for one raw read: virtio header + the largest (IPv6) GSO packet, rounded up.
@@ -182,10 +196,11 @@ impl std::fmt::Debug for TunDevice {
 }
 
 impl TunDevice {
-    /// Creates (or attaches to an existing, unused TUN of that name) the device, sets its
-    /// MTU, brings it up and assigns `ipv6/128` and `ipv4/32` (no DAD). Fails clearly if
-    /// the name belongs to a device that is not a TUN, or the TUN is in use.
-    /// The device disappears when the `TunDevice` is dropped (unless it was persistent).
+    /// Creates the device (or attaches to an existing, unused TUN of that name), sets its
+    /// MTU, brings it up and assigns `ipv6/128` and `ipv4/32` (without duplicate address
+    /// detection, so they are usable at once). Fails clearly if the name belongs to a
+    /// device that is not a TUN, or to a TUN in use. The device, and every route into it,
+    /// disappears when the `TunDevice` is dropped (unless it was made persistent).
     pub fn create(cfg: &TunConfig) -> io::Result<TunDevice> {
         validate(cfg)?;
         let name = &cfg.name;
@@ -251,6 +266,12 @@ impl TunDevice {
         if let Some(v4) = cfg.ipv4 {
             nl.add_address(ifindex, v4.into(), 32)
                 .ctx(|| format!("assign {v4}/32 to TUN device {name}"))?;
+        }
+        // IPv6 finishes configuring an address (its local route) in a kernel work item
+        // after the netlink ack; packets to it are dropped until then. Wait for it.
+        for addr in std::iter::once(IpAddr::V6(cfg.ipv6)).chain(cfg.ipv4.map(IpAddr::V4)) {
+            wait_until_local(&mut nl, addr)
+                .ctx(|| format!("address {addr} on TUN device {name}"))?;
         }
         Ok(TunDevice {
             dev,
@@ -459,6 +480,26 @@ impl TunDevice {
 impl AsRawFd for TunDevice {
     fn as_raw_fd(&self) -> RawFd {
         self.dev.as_raw_fd()
+    }
+}
+
+/// Waits until the kernel routes `addr` locally.
+fn wait_until_local(nl: &mut Netlink, addr: IpAddr) -> io::Result<()> {
+    let deadline = Instant::now() + ADDRESS_READY_TIMEOUT;
+    loop {
+        if nl.route_type_to(addr)? == Some(RTN_LOCAL) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "not usable (no local route) {} s after assignment",
+                    ADDRESS_READY_TIMEOUT.as_secs()
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
@@ -880,7 +921,7 @@ mod tests {
     };
     use crate::io::udp::{SendBatch, UdpSocket};
     use std::io::{Read, Write};
-    use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket as StdUdp};
+    use std::net::{SocketAddr, TcpListener, UdpSocket as StdUdp};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -1131,6 +1172,7 @@ mod tests {
                 offload: false,
             })
             .unwrap_err();
+            eprintln!("error for a non-TUN name: {e}");
             assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
             assert!(e.to_string().contains("not a TUN"), "{e}");
 
@@ -1292,8 +1334,13 @@ mod tests {
         }
         eprintln!("offload={offload}: {st:?}");
         let mut buf = [0u8; 2048];
-        for want in &want6 {
-            let (n, from) = rx6.recv_from(&mut buf).expect("v6 datagram");
+        for (i, want) in want6.iter().enumerate() {
+            let (n, from) = rx6.recv_from(&mut buf).unwrap_or_else(|e| {
+                let snmp =
+                    std::fs::read_to_string("/proc/thread-self/net/snmp6").unwrap_or_default();
+                let dev = std::fs::read_to_string("/proc/thread-self/net/dev").unwrap_or_default();
+                panic!("v6 datagram {i}: {e}\n{snmp}\n{dev}")
+            });
             assert_eq!(&buf[..n], &want[..]);
             assert_eq!(from.ip(), IpAddr::V6(B6));
         }
