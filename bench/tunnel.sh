@@ -29,6 +29,10 @@ Environment:
   BENCH_ONLY=LIST    comma-separated subset of plain,boringtun,wggo,flynode (default all)
   BENCH_OUT=FILE     also write the results as JSON to FILE
   FLYNODE_BIN=PATH   flynode binary to use (default: build target/release/flynode)
+  FLYNODE_XDP_MODE=M  XDP mode of the flynode daemons on the underlay veth (default generic:
+                     native XDP on veth makes the kernel segment every GSO packet before
+                     the program runs, which costs the tunnel about a third of its TCP
+                     throughput here; on a physical NIC native is right)
   BENCH_STRICT=1     exit 1 if a target is missed or flynode could not be measured
   BENCH_KEEP=1       keep the work directory (logs, raw iperf3 JSON) instead of removing it
 
@@ -344,6 +348,7 @@ interface = "$5"
 mesh_ipv4 = "$4"
 
 [xdp]
+mode = "${FLYNODE_XDP_MODE:-generic}"
 interface = "$6"
 
 [source]
