@@ -143,6 +143,11 @@ pub fn status(path: &Path) -> Result<Status, ControlError> {
     }
 }
 
+/// Whether a daemon accepts connections on `path`.
+pub fn daemon_answers(path: &Path) -> bool {
+    StdUnixStream::connect(path).is_ok()
+}
+
 /// Asks the daemon to rotate its key.
 pub fn rotate_key(path: &Path) -> Result<RotationStatus, ControlError> {
     rotation_request(path, &Request::RotateKey)
@@ -186,7 +191,7 @@ impl ControlServer {
                 .map_err(io)?;
         }
         if path.exists() {
-            if StdUnixStream::connect(path).is_ok() {
+            if daemon_answers(path) {
                 return Err(ControlError::InUse(path.to_owned()));
             }
             std::fs::remove_file(path).map_err(io)?;

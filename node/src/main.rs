@@ -309,7 +309,7 @@ fn keys(command: KeysCmd) -> anyhow::Result<()> {
                     .transpose()?
                     .map(|c| c.control_socket),
             };
-            if let Some(socket) = socket.filter(|s| flynode::mesh::daemon_running(s)) {
+            if let Some(socket) = socket.filter(|s| control::daemon_answers(s)) {
                 return rotate_live(&socket, wait);
             }
             let dir = KeyDir::open(key_dir_path(&dir)?)?;

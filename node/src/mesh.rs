@@ -2,7 +2,6 @@
 //! tunnel's terms, and key rotation (adopt the new key live, wipe the old one when every
 //! peer has moved or the grace period ends).
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -238,9 +237,4 @@ impl From<PeerStatus> for PeerInfo {
             own_key: fingerprint(&p.own_key),
         }
     }
-}
-
-/// Whether `path` is a usable control socket of a running daemon.
-pub fn daemon_running(path: &Path) -> bool {
-    std::os::unix::net::UnixStream::connect(path).is_ok()
 }

@@ -183,17 +183,44 @@ fn pings_both_ways(fly: &Host, wgh: &Host, first_from_wg: bool, daemon: &Daemon)
     }
 }
 
-#[test]
-fn wireguard_go_initiates_and_both_sides_ping_v6_and_v4() {
+/// Two hosts: flynode's keys and map on host 1 (not started), wireguard-go's keys for
+/// host 2. `None` when wireguard-go is missing and not required.
+struct Setup {
+    lan: Lan,
+    keys: (tempfile::TempDir, String),
+    prepared: Prepared,
+    map: String,
+}
+
+fn setup() -> Option<Setup> {
     require_root();
     if !require_wireguard_go() {
-        return;
+        return None;
     }
     let lan = Lan::new(2);
-    let (fly, wgh) = (lan.host(1), lan.host(2));
     let keys = wg_keys();
-    let prepared = Prepared::new(fly.spec());
-    let map = routing(fly, &prepared, wgh, &keys.1);
+    let prepared = Prepared::new(lan.host(1).spec());
+    let map = routing(lan.host(1), &prepared, lan.host(2), &keys.1);
+    Some(Setup {
+        lan,
+        keys,
+        prepared,
+        map,
+    })
+}
+
+#[test]
+fn wireguard_go_initiates_and_both_sides_ping_v6_and_v4() {
+    let Some(Setup {
+        lan,
+        keys,
+        prepared,
+        map,
+    }) = setup()
+    else {
+        return;
+    };
+    let (fly, wgh) = (lan.host(1), lan.host(2));
     let fly_key = prepared.public_key.to_string();
     // flynode first: its own first handshake finds nobody listening.
     let daemon = prepared.start(&fly.ns, &map);
@@ -210,15 +237,16 @@ fn wireguard_go_initiates_and_both_sides_ping_v6_and_v4() {
 
 #[test]
 fn flynode_initiates_and_both_sides_ping_v6_and_v4() {
-    require_root();
-    if !require_wireguard_go() {
+    let Some(Setup {
+        lan,
+        keys,
+        prepared,
+        map,
+    }) = setup()
+    else {
         return;
-    }
-    let lan = Lan::new(2);
+    };
     let (fly, wgh) = (lan.host(1), lan.host(2));
-    let keys = wg_keys();
-    let prepared = Prepared::new(fly.spec());
-    let map = routing(fly, &prepared, wgh, &keys.1);
     let fly_key = prepared.public_key.to_string();
     // wireguard-go first and silent (no keepalive, no traffic): flynode's handshake at
     // start is the one that makes the session.

@@ -283,6 +283,7 @@ struct Tables {
     /// Current and still-live previous public keys of every peer.
     by_key: HashMap<[u8; 32], Arc<Peer>>,
     by_index: HashMap<u32, (Arc<Peer>, Arc<Slot>)>,
+    by_name: HashMap<Arc<str>, Arc<Peer>>,
     peers: Vec<Arc<Peer>>,
 }
 
@@ -461,6 +462,7 @@ impl Core {
     fn publish(&self, peers: Vec<Arc<Peer>>) {
         let mut t = Tables::default();
         for peer in &peers {
+            t.by_name.insert(Arc::clone(&peer.name), Arc::clone(peer));
             for addr in &peer.config.load().allowed {
                 t.by_addr.insert(*addr, Arc::clone(peer));
             }
@@ -654,7 +656,7 @@ impl Core {
     /// it wants, not only an address).
     pub fn encapsulate_to(&self, name: &str, packet: &[u8], out: &mut [u8]) -> Encap {
         let tables = self.tables.load();
-        match tables.peers.iter().find(|p| &*p.name == name) {
+        match tables.by_name.get(name) {
             Some(peer) => self.encapsulate_for(peer, packet, out),
             None => self.drop_tx(Drop::NoRoute),
         }
@@ -662,17 +664,7 @@ impl Core {
 
     /// The peer a name refers to, for callers that send many packets to it.
     pub fn peer(&self, name: &str) -> Option<Arc<Peer>> {
-        self.tables
-            .load()
-            .peers
-            .iter()
-            .find(|p| &*p.name == name)
-            .cloned()
-    }
-
-    /// The peer owning an inner address.
-    pub fn peer_for(&self, addr: IpAddr) -> Option<Arc<Peer>> {
-        self.tables.load().by_addr.get(&addr).cloned()
+        self.tables.load().by_name.get(name).cloned()
     }
 
     pub fn encapsulate_for(&self, peer: &Peer, packet: &[u8], out: &mut [u8]) -> Encap {

@@ -31,7 +31,7 @@ use x25519_dalek::StaticSecret;
 
 use crate::core::{Core, Decap, Drop, Encap, PeerConfig, PeersDiff};
 use crate::io::route;
-use crate::io::tun::{TunConfig, TunDevice};
+use crate::io::tun::{TunConfig, TunDevice, TunSendBatch};
 use crate::io::udp::{RecvBatch, SendBatch, UdpSocket};
 
 /// Room for any message we build: a 64 KiB inner packet plus overhead.
@@ -74,15 +74,20 @@ pub struct DriverCounters {
     pub io_errors: AtomicU64,
 }
 
+/// What the mesh threads share.
+struct Shared {
+    core: Arc<Core>,
+    udp: UdpSocket,
+    tun: TunDevice,
+    stop: AtomicBool,
+    counters: DriverCounters,
+}
+
 /// A running mesh: TUN, socket, threads.
 pub struct Mesh {
-    core: Arc<Core>,
-    udp: Arc<UdpSocket>,
-    tun: Arc<TunDevice>,
-    stop: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
     forwarded: Mutex<Option<Receiver<Inbound>>>,
-    counters: Arc<DriverCounters>,
     /// Kernel routes we installed into the TUN (one per peer address).
     routes: Mutex<BTreeSet<IpAddr>>,
     /// For [`Mesh::send_to`] and control operations, which run on other threads.
@@ -93,102 +98,66 @@ impl Mesh {
     /// Creates the TUN and the socket and starts the threads. Peers come with
     /// [`Mesh::set_peers`].
     pub fn start(config: MeshConfig, key: StaticSecret) -> io::Result<Mesh> {
-        let tun = Arc::new(TunDevice::create(&config.tun).map_err(|e| {
+        let tun = TunDevice::create(&config.tun).map_err(|e| {
             io::Error::new(
                 e.kind(),
                 format!("creating TUN device `{}`: {e}", config.tun.name),
             )
-        })?);
-        let udp = Arc::new(
-            UdpSocket::bind(config.listen, config.socket_buffer).map_err(|e| {
-                io::Error::new(e.kind(), format!("binding UDP {}: {e}", config.listen))
-            })?,
-        );
-        let core = Arc::new(Core::new(key));
-        let stop = Arc::new(AtomicBool::new(false));
-        let counters = Arc::new(DriverCounters::default());
+        })?;
+        let udp = UdpSocket::bind(config.listen, config.socket_buffer)
+            .map_err(|e| io::Error::new(e.kind(), format!("binding UDP {}: {e}", config.listen)))?;
+        let shared = Arc::new(Shared {
+            core: Arc::new(Core::new(key)),
+            udp,
+            tun,
+            stop: AtomicBool::new(false),
+            counters: DriverCounters::default(),
+        });
         let (fwd_tx, fwd_rx) = sync_channel(config.forward_queue.max(1));
         let local = Local {
             v6: config.tun.ipv6,
             v4: config.tun.ipv4,
             forward_port: config.forward_port,
         };
-        let mut threads = Vec::new();
-        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+        let spawn = |name: &str, f: Box<dyn FnOnce(&Shared) + Send>| {
+            let shared = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name(name.to_owned())
-                .spawn(f)
+                .spawn(move || f(&shared))
                 .map_err(|e| io::Error::new(e.kind(), format!("starting thread {name}: {e}")))
         };
-        {
-            let (core, udp, tun, stop, counters) = (
-                Arc::clone(&core),
-                Arc::clone(&udp),
-                Arc::clone(&tun),
-                Arc::clone(&stop),
-                Arc::clone(&counters),
-            );
-            threads.push(spawn(
-                "mesh-tx",
-                Box::new(move || tx_loop(&core, &udp, &tun, &stop, &counters)),
-            )?);
-        }
-        {
-            let (core, udp, tun, stop, counters) = (
-                Arc::clone(&core),
-                Arc::clone(&udp),
-                Arc::clone(&tun),
-                Arc::clone(&stop),
-                Arc::clone(&counters),
-            );
-            threads.push(spawn(
-                "mesh-rx",
-                Box::new(move || rx_loop(&core, &udp, &tun, &stop, &counters, local, fwd_tx)),
-            )?);
-        }
-        {
-            let (core, udp, stop, counters) = (
-                Arc::clone(&core),
-                Arc::clone(&udp),
-                Arc::clone(&stop),
-                Arc::clone(&counters),
-            );
-            threads.push(spawn(
-                "mesh-timers",
-                Box::new(move || timer_loop(&core, &udp, &stop, &counters)),
-            )?);
-        }
+        let threads = vec![
+            spawn("mesh-tx", Box::new(Shared::tx_loop))?,
+            spawn("mesh-rx", Box::new(move |s| s.rx_loop(local, fwd_tx)))?,
+            spawn("mesh-timers", Box::new(Shared::timer_loop))?,
+        ];
         Ok(Mesh {
-            core,
-            udp,
-            tun,
-            stop,
+            shared,
             threads,
             forwarded: Mutex::new(Some(fwd_rx)),
-            counters,
             routes: Mutex::new(BTreeSet::new()),
             sender: Mutex::new((SendBatch::new(64), vec![0u8; BUF])),
         })
     }
 
     pub fn core(&self) -> &Arc<Core> {
-        &self.core
+        &self.shared.core
     }
 
     pub fn counters(&self) -> &DriverCounters {
-        &self.counters
+        &self.shared.counters
     }
 
     pub fn tun_name(&self) -> &str {
-        self.tun.name()
+        self.shared.tun.name()
     }
 
     pub fn mtu(&self) -> u16 {
-        self.tun.mtu()
+        self.shared.tun.mtu()
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.udp.local_addr()
+        self.shared.udp.local_addr()
     }
 
     /// The queue of inner packets for the forwarding layer; taken once.
@@ -205,6 +174,7 @@ impl Mesh {
             let mut sender = self.sender.lock();
             let (batch, scratch) = &mut *sender;
             let diff = self
+                .shared
                 .core
                 .set_peers(peers, scratch, &mut |dst, msg| batch.push(dst, msg));
             self.flush(batch);
@@ -212,7 +182,7 @@ impl Mesh {
         };
         let mut routes = self.routes.lock();
         let mut first_error = None;
-        let ifindex = self.tun.ifindex();
+        let ifindex = self.shared.tun.ifindex();
         for addr in routes.difference(&wanted).copied().collect::<Vec<_>>() {
             match route::del_route(ifindex, addr, host_prefix(addr)) {
                 Ok(()) => {
@@ -243,7 +213,8 @@ impl Mesh {
     pub fn initiate_all(&self) {
         let mut sender = self.sender.lock();
         let (batch, scratch) = &mut *sender;
-        self.core
+        self.shared
+            .core
             .initiate_all(scratch, &mut |dst, msg| batch.push(dst, msg));
         self.flush(batch);
     }
@@ -252,7 +223,7 @@ impl Mesh {
     pub fn send_to(&self, name: &str, packet: &[u8]) -> Result<(), Drop> {
         let mut sender = self.sender.lock();
         let (batch, out) = &mut *sender;
-        let result = match self.core.encapsulate_to(name, packet, out) {
+        let result = match self.shared.core.encapsulate_to(name, packet, out) {
             Encap::Send { dst, len } => {
                 batch.push(dst, &out[..len]);
                 Ok(())
@@ -265,11 +236,11 @@ impl Mesh {
     }
 
     pub fn rotate_key(&self, key: StaticSecret) {
-        self.core.rotate_key(key);
+        self.shared.core.rotate_key(key);
     }
 
     fn flush(&self, batch: &mut SendBatch) {
-        send(&self.udp, batch, &self.counters);
+        self.shared.send(batch);
     }
 
     /// Stops the threads and removes the TUN (and with it every route into it).
@@ -278,7 +249,7 @@ impl Mesh {
     }
 
     fn shutdown(&mut self) {
-        self.stop.store(true, Relaxed);
+        self.shared.stop.store(true, Relaxed);
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -298,66 +269,143 @@ fn host_prefix(addr: IpAddr) -> u8 {
     }
 }
 
-fn send(udp: &UdpSocket, batch: &mut SendBatch, counters: &DriverCounters) {
-    if batch.is_empty() {
-        return;
-    }
-    match udp.send_batch(batch) {
-        Ok(stats) => {
-            counters
-                .udp_tx_datagrams
-                .fetch_add(stats.sent as u64, Relaxed);
-            counters
-                .udp_tx_dropped
-                .fetch_add(stats.dropped as u64, Relaxed);
+impl Shared {
+    fn send(&self, batch: &mut SendBatch) {
+        if batch.is_empty() {
+            return;
         }
-        Err(_) => {
-            counters.io_errors.fetch_add(1, Relaxed);
+        match self.udp.send_batch(batch) {
+            Ok(stats) => {
+                let c = &self.counters;
+                c.udp_tx_datagrams.fetch_add(stats.sent as u64, Relaxed);
+                c.udp_tx_dropped.fetch_add(stats.dropped as u64, Relaxed);
+            }
+            Err(_) => {
+                self.counters.io_errors.fetch_add(1, Relaxed);
+            }
         }
     }
-}
 
-/// I/O errors in the loops are counted and the loop goes on, after a pause so a
-/// persistent error does not spin a core.
-fn io_error(counters: &DriverCounters, what: &str, e: &io::Error) {
-    let n = counters.io_errors.fetch_add(1, Relaxed);
-    if n.is_power_of_two() {
-        tracing::warn!(error = %e, count = n + 1, "mesh {what} failed");
-    }
-    std::thread::sleep(Duration::from_millis(10));
-}
-
-fn tx_loop(
-    core: &Core,
-    udp: &UdpSocket,
-    tun: &TunDevice,
-    stop: &AtomicBool,
-    counters: &DriverCounters,
-) {
-    let mut tun_batch = tun.new_recv_batch(128);
-    let mut out_batch = SendBatch::new(128);
-    let mut out = vec![0u8; BUF];
-    while !stop.load(Relaxed) {
-        match tun.recv_batch(&mut tun_batch) {
-            Ok(0) => continue,
-            Ok(_) => {}
+    /// Whether a batch receive produced something to process. I/O errors are counted
+    /// and the loop goes on, after a pause so a persistent error does not spin a core.
+    fn received(&self, result: io::Result<usize>, what: &str) -> bool {
+        match result {
+            Ok(n) => n > 0,
             Err(e) => {
-                io_error(counters, "TUN read", &e);
+                self.io_error(what, &e);
+                false
+            }
+        }
+    }
+
+    fn io_error(&self, what: &str, e: &io::Error) {
+        let n = self.counters.io_errors.fetch_add(1, Relaxed);
+        if n.is_power_of_two() {
+            tracing::warn!(error = %e, count = n + 1, "mesh {what} failed");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    fn tx_loop(&self) {
+        let mut tun_batch = self.tun.new_recv_batch(128);
+        let mut out_batch = SendBatch::new(128);
+        let mut out = vec![0u8; BUF];
+        while !self.stop.load(Relaxed) {
+            if !self.received(self.tun.recv_batch(&mut tun_batch), "TUN read") {
                 continue;
             }
-        }
-        let mut n = 0u64;
-        for packet in tun_batch.iter() {
-            n += 1;
-            if let Encap::Send { dst, len } = core.encapsulate(packet, &mut out) {
-                if out_batch.is_full() {
-                    send(udp, &mut out_batch, counters);
+            let mut n = 0u64;
+            for packet in tun_batch.iter() {
+                n += 1;
+                if let Encap::Send { dst, len } = self.core.encapsulate(packet, &mut out) {
+                    if out_batch.is_full() {
+                        self.send(&mut out_batch);
+                    }
+                    out_batch.push(dst, &out[..len]);
                 }
-                out_batch.push(dst, &out[..len]);
+            }
+            self.counters.tun_rx_packets.fetch_add(n, Relaxed);
+            self.send(&mut out_batch);
+        }
+    }
+
+    fn rx_loop(&self, local: Local, forward: SyncSender<Inbound>) {
+        let mut in_batch = RecvBatch::new(64);
+        let mut tun_batch = self.tun.new_send_batch(128);
+        let mut replies = SendBatch::new(64);
+        let mut out = vec![0u8; BUF];
+        while !self.stop.load(Relaxed) {
+            if !self.received(self.udp.recv_batch(&mut in_batch), "UDP receive") {
+                continue;
+            }
+            let mut n = 0u64;
+            for (src, datagram) in in_batch.iter() {
+                n += 1;
+                let decap = self
+                    .core
+                    .decapsulate(src, datagram, &mut out, &mut |dst, msg| {
+                        replies.push(dst, msg)
+                    });
+                let Decap::Inner { peer, len } = decap else {
+                    continue;
+                };
+                let packet = &out[..len];
+                if local.is_forwarded(packet) {
+                    let inbound = Inbound {
+                        from: Arc::clone(&peer.name),
+                        packet: packet.to_vec(),
+                    };
+                    match forward.try_send(inbound) {
+                        Ok(()) => self.counters.forwarded.fetch_add(1, Relaxed),
+                        Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                            self.counters.forward_queue_full.fetch_add(1, Relaxed)
+                        }
+                    };
+                } else {
+                    if tun_batch.is_full() {
+                        self.write_tun(&mut tun_batch);
+                    }
+                    tun_batch.push(packet);
+                }
+            }
+            self.counters.udp_rx_datagrams.fetch_add(n, Relaxed);
+            self.write_tun(&mut tun_batch);
+            self.send(&mut replies);
+        }
+    }
+
+    fn write_tun(&self, batch: &mut TunSendBatch) {
+        if batch.is_empty() {
+            return;
+        }
+        let failed = |b: &TunSendBatch| {
+            let s = b.stats();
+            s.rejected + s.invalid
+        };
+        let before = failed(batch);
+        match self.tun.send_batch(batch) {
+            Ok(written) => {
+                let c = &self.counters;
+                c.tun_tx_packets.fetch_add(written as u64, Relaxed);
+                c.tun_tx_errors
+                    .fetch_add(failed(batch).saturating_sub(before), Relaxed);
+            }
+            Err(e) => {
+                self.counters.tun_tx_errors.fetch_add(1, Relaxed);
+                self.io_error("TUN write", &e);
             }
         }
-        counters.tun_rx_packets.fetch_add(n, Relaxed);
-        send(udp, &mut out_batch, counters);
+    }
+
+    fn timer_loop(&self) {
+        let mut batch = SendBatch::new(64);
+        let mut scratch = vec![0u8; BUF];
+        while !self.stop.load(Relaxed) {
+            std::thread::sleep(TIMER_TICK);
+            self.core
+                .update_timers(&mut scratch, &mut |dst, msg| batch.push(dst, msg));
+            self.send(&mut batch);
+        }
     }
 }
 
@@ -389,93 +437,5 @@ impl Local {
             }
             _ => false,
         }
-    }
-}
-
-fn rx_loop(
-    core: &Core,
-    udp: &UdpSocket,
-    tun: &TunDevice,
-    stop: &AtomicBool,
-    counters: &DriverCounters,
-    local: Local,
-    forward: SyncSender<Inbound>,
-) {
-    let mut in_batch = RecvBatch::new(64);
-    let mut tun_batch = tun.new_send_batch(128);
-    let mut replies = SendBatch::new(64);
-    let mut out = vec![0u8; BUF];
-    while !stop.load(Relaxed) {
-        match udp.recv_batch(&mut in_batch) {
-            Ok(0) => continue,
-            Ok(_) => {}
-            Err(e) => {
-                io_error(counters, "UDP receive", &e);
-                continue;
-            }
-        }
-        let mut n = 0u64;
-        for (src, datagram) in in_batch.iter() {
-            n += 1;
-            let decap = core.decapsulate(src, datagram, &mut out, &mut |dst, msg| {
-                replies.push(dst, msg)
-            });
-            let Decap::Inner { peer, len } = decap else {
-                continue;
-            };
-            let packet = &out[..len];
-            if local.is_forwarded(packet) {
-                match forward.try_send(Inbound {
-                    from: Arc::clone(&peer.name),
-                    packet: packet.to_vec(),
-                }) {
-                    Ok(()) => counters.forwarded.fetch_add(1, Relaxed),
-                    Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                        counters.forward_queue_full.fetch_add(1, Relaxed)
-                    }
-                };
-            } else {
-                if tun_batch.is_full() {
-                    write_tun(tun, &mut tun_batch, counters);
-                }
-                tun_batch.push(packet);
-            }
-        }
-        counters.udp_rx_datagrams.fetch_add(n, Relaxed);
-        write_tun(tun, &mut tun_batch, counters);
-        send(udp, &mut replies, counters);
-    }
-}
-
-fn write_tun(tun: &TunDevice, batch: &mut crate::io::tun::TunSendBatch, counters: &DriverCounters) {
-    if batch.is_empty() {
-        return;
-    }
-    let failed = |b: &crate::io::tun::TunSendBatch| {
-        let s = b.stats();
-        s.rejected + s.invalid
-    };
-    let before = failed(batch);
-    match tun.send_batch(batch) {
-        Ok(written) => {
-            counters.tun_tx_packets.fetch_add(written as u64, Relaxed);
-            counters
-                .tun_tx_errors
-                .fetch_add(failed(batch).saturating_sub(before), Relaxed);
-        }
-        Err(e) => {
-            counters.tun_tx_errors.fetch_add(1, Relaxed);
-            io_error(counters, "TUN write", &e);
-        }
-    }
-}
-
-fn timer_loop(core: &Core, udp: &UdpSocket, stop: &AtomicBool, counters: &DriverCounters) {
-    let mut batch = SendBatch::new(64);
-    let mut scratch = vec![0u8; BUF];
-    while !stop.load(Relaxed) {
-        std::thread::sleep(TIMER_TICK);
-        core.update_timers(&mut scratch, &mut |dst, msg| batch.push(dst, msg));
-        send(udp, &mut batch, counters);
     }
 }
