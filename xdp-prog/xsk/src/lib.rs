@@ -1,0 +1,1 @@
+//! AF_XDP sockets for flynode (being written).
