@@ -96,6 +96,9 @@ pub struct XdpConfig {
     pub interface: String,
     #[serde(default)]
     pub mode: XdpMode,
+    /// How selected datagrams reach flynode: AF_XDP sockets or ordinary UDP sockets.
+    #[serde(default)]
+    pub backend: crate::ingress::BackendChoice,
 }
 
 /// How the XDP program is attached.

@@ -74,10 +74,25 @@ pub struct RoutingStatus {
 pub struct XdpStatus {
     pub interface: String,
     pub mode: String,
+    /// How selected datagrams reach flynode ("af_xdp (copy mode, 1 queue(s))", or
+    /// "socket (reason)").
+    pub backend: String,
+    /// Ingress counters (datagrams through AF_XDP and through sockets, ...).
+    pub ingress: BTreeMap<String, u64>,
+    /// Service endpoints whose socket could not be opened, with the error.
+    pub socket_failures: BTreeMap<String, String>,
+    /// Datagrams received per service id (until forwarding consumes them).
+    pub services: BTreeMap<String, ServiceTraffic>,
     /// Every counter slot by name, summed over CPUs.
     pub counters: BTreeMap<String, u64>,
     /// Totals per verdict (userspace, pass, drop).
     pub verdicts: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServiceTraffic {
+    pub datagrams: u64,
+    pub bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -328,6 +343,10 @@ mod tests {
             xdp: XdpStatus {
                 interface: "eth0".into(),
                 mode: "native".into(),
+                backend: "af_xdp (copy mode, 1 queue(s))".into(),
+                ingress: BTreeMap::new(),
+                socket_failures: BTreeMap::new(),
+                services: BTreeMap::new(),
                 counters: BTreeMap::from([("pass_not_ip".into(), 7)]),
                 verdicts: BTreeMap::from([("pass".into(), 7)]),
             },

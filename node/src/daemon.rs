@@ -1,7 +1,7 @@
 //! `flynode run`: load the node's identity and routing map, bring up the WireGuard mesh
 //! (TUN + peers), attach the XDP classifier, keep both in line with the routing map,
 //! answer on the control socket (status, key rotation), and shut down cleanly on
-//! SIGINT/SIGTERM. SIGHUP re-reads the routing file; a broken file is rejected with its
+//! SIGINT/SIGTERM. The routing file is watched (and SIGHUP re-reads it too); a broken file is rejected with its
 //! error logged and the last good map stays in force.
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
@@ -14,12 +14,14 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::NotYetImplemented;
 use crate::config::{Config, SourceConfig};
 use crate::control::{
-    ControlServer, MeshStatus, Request, Response, RoutingStatus, Status, XdpStatus,
+    ControlServer, MeshStatus, Request, Response, RoutingStatus, ServiceTraffic, Status, XdpStatus,
 };
+use crate::ingress::{Datagram, Handler, Ingress, IngressConfig};
 use crate::mesh::{self, Grace};
 use crate::routing::RoutingMap;
-use crate::xdp::{XdpClassifier, service_entries};
-use flynode_tunnel::driver::Mesh;
+use crate::xdp::{XdpClassifier, endpoint_entries};
+use flynode_tunnel::driver::{Mesh, MeshReceiver};
+use flynode_xdp_common::ServiceValue;
 
 struct State {
     config: Config,
@@ -27,7 +29,9 @@ struct State {
     started: Instant,
     routing: RoutingMap,
     xdp: XdpClassifier,
-    mesh: Mesh,
+    ingress: Option<Ingress>,
+    services: Arc<ServiceTally>,
+    mesh: Arc<Mesh>,
     /// A key rotation in flight.
     grace: Option<Grace>,
 }
@@ -74,14 +78,16 @@ async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
         mesh_address = %config.mesh_address,
         "WireGuard mesh up"
     );
-    let mut xdp = XdpClassifier::attach(&config.xdp.interface, config.xdp.mode)
+    let mesh = Arc::new(mesh);
+    let mut xdp = XdpClassifier::load_and_attach(&config.xdp.interface, config.xdp.mode)
         .with_context(|| format!("attaching XDP to interface `{}`", config.xdp.interface))?;
     tracing::info!(
         interface = %config.xdp.interface,
-        mode = %xdp.mode(),
+        mode = %xdp.mode().map_or_else(String::new, |m| m.to_string()),
         "XDP program attached"
     );
-    let diff = xdp.apply_services(&service_entries(&routing))?;
+    let entries = endpoint_entries(&routing, &own_wireguard(&config, &routing));
+    let diff = xdp.apply_endpoints(&entries)?;
     tracing::info!(
         node = %config.node_id,
         public_key = %public_key.fingerprint(),
@@ -90,6 +96,28 @@ async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
         added = diff.added,
         "routing map applied"
     );
+    let services = Arc::new(ServiceTally::default());
+    let handlers: crate::ingress::HandlerFactory = {
+        let mesh = Arc::clone(&mesh);
+        let services = Arc::clone(&services);
+        Arc::new(move || {
+            Box::new(NodeHandler {
+                mesh: mesh.receiver(),
+                services: Arc::clone(&services),
+                tally: Vec::new(),
+            }) as Box<dyn Handler>
+        })
+    };
+    let ingress = Ingress::start(
+        &IngressConfig {
+            interface: config.xdp.interface.clone(),
+            backend: config.xdp.backend,
+            socket_buffer: mesh::SOCKET_BUFFER,
+        },
+        &mut xdp,
+        &entries,
+        handlers,
+    )?;
     let control = ControlServer::bind(&config.control_socket)?;
     tracing::info!(path = %config.control_socket.display(), "control socket listening");
 
@@ -99,6 +127,8 @@ async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
         started: Instant::now(),
         routing,
         xdp,
+        ingress: Some(ingress),
+        services,
         mesh,
         grace,
     }));
@@ -110,6 +140,9 @@ async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut watch = tokio::time::interval(WATCH_INTERVAL);
+    watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut stamp = routing_stamp(&state);
     {
         let serve = control.serve(answer);
         tokio::pin!(serve);
@@ -120,15 +153,49 @@ async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
                 _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break }
                 _ = sighup.recv() => reload(&state),
                 _ = tick.tick() => housekeeping(&state),
+                _ = watch.tick() => {
+                    let now = routing_stamp(&state);
+                    if now != stamp {
+                        stamp = now;
+                        tracing::info!("routing file changed");
+                        reload(&state);
+                    }
+                }
             }
         }
     }
     drop(control);
+    {
+        let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
+        let state = &mut *state;
+        if let Some(ingress) = state.ingress.take() {
+            ingress.stop(&mut state.xdp);
+        }
+    }
     // Dropping the classifier closes the bpf_link, which detaches the program; dropping
     // the mesh stops its threads and closes the TUN, which removes it and its routes.
     drop(state);
     tracing::info!("XDP program detached, mesh down, control socket removed");
     Ok(())
+}
+
+/// How often the routing file is checked for changes: one stat(2) per interval, so a
+/// change applies within this much plus the time to parse and apply it.
+const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(25);
+
+/// What identifies one version of the routing file: modification time, size and inode
+/// (editors and `mv` replace the file, which changes the inode even within one mtime
+/// tick). `None` when it cannot be read (then a reappearing file counts as a change).
+type FileStamp = Option<(std::time::SystemTime, u64, u64)>;
+
+fn routing_stamp(state: &Mutex<State>) -> FileStamp {
+    use std::os::unix::fs::MetadataExt as _;
+    let state = state.lock().unwrap_or_else(PoisonError::into_inner);
+    let SourceConfig::File { path } = &state.config.source else {
+        return None;
+    };
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len(), meta.ino()))
 }
 
 fn reload(state: &Mutex<State>) {
@@ -138,7 +205,11 @@ fn reload(state: &Mutex<State>) {
             if let Err(e) = mesh::apply_peers(&state.mesh, &state.config, &routing) {
                 tracing::error!(error = %format!("{e:#}"), "applying the reloaded mesh peers failed");
             }
-            match state.xdp.apply_services(&service_entries(&routing)) {
+            let entries = endpoint_entries(&routing, &own_wireguard(&state.config, &routing));
+            if let Some(ingress) = &mut state.ingress {
+                ingress.apply(&entries);
+            }
+            match state.xdp.apply_endpoints(&entries) {
                 Ok(diff) => tracing::info!(
                     added = diff.added,
                     changed = diff.changed,
@@ -257,11 +328,114 @@ fn status(state: &State) -> anyhow::Result<Status> {
             service_endpoints: state.routing.service_endpoints().count(),
         },
         xdp: XdpStatus {
-            interface: state.xdp.interface().to_owned(),
-            mode: state.xdp.mode().to_string(),
+            interface: state.xdp.interface().unwrap_or_default().to_owned(),
+            mode: state.xdp.mode().map_or_else(String::new, |m| m.to_string()),
+            backend: state
+                .ingress
+                .as_ref()
+                .map_or_else(String::new, |i| i.backend().to_string()),
+            ingress: state
+                .ingress
+                .as_ref()
+                .map(|i| i.counters().snapshot())
+                .unwrap_or_default(),
+            socket_failures: state
+                .ingress
+                .as_ref()
+                .map(|i| {
+                    i.socket_failures()
+                        .into_iter()
+                        .map(|(a, e)| (a.to_string(), e))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            services: state
+                .services
+                .snapshot()
+                .into_iter()
+                .map(|(id, t)| (id.to_string(), t))
+                .collect(),
             counters,
             verdicts,
         },
         mesh,
     })
+}
+
+/// The node's own WireGuard endpoint, as the routing map publishes it: what the XDP
+/// program hands to the mesh.
+fn own_wireguard(config: &Config, routing: &RoutingMap) -> Vec<std::net::SocketAddr> {
+    routing
+        .nodes
+        .get(&config.node_id)
+        .map(|n| n.endpoint)
+        .into_iter()
+        .collect()
+}
+
+/// Datagrams received per service. Until the forwarding layer consumes them, counting
+/// is all the node does with service datagrams; the handlers add per batch, not per
+/// datagram, so the lock is taken once per receive batch.
+#[derive(Default)]
+struct ServiceTally(Mutex<std::collections::BTreeMap<u32, ServiceTraffic>>);
+
+impl ServiceTally {
+    fn snapshot(&self) -> std::collections::BTreeMap<u32, ServiceTraffic> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// The daemon's consumer of ingress datagrams: WireGuard to the mesh, services counted.
+struct NodeHandler {
+    mesh: MeshReceiver,
+    services: Arc<ServiceTally>,
+    /// This batch's per-service counts.
+    tally: Vec<(u32, ServiceTraffic)>,
+}
+
+impl Handler for NodeHandler {
+    fn wireguard(&mut self, datagram: &Datagram<'_>) {
+        self.mesh.push(datagram.src, datagram.payload);
+    }
+
+    fn service(&mut self, service: ServiceValue, datagram: &Datagram<'_>) {
+        let bytes = datagram.payload.len() as u64;
+        match self
+            .tally
+            .iter_mut()
+            .find(|(id, _)| *id == service.service_id)
+        {
+            Some((_, t)) => {
+                t.datagrams += 1;
+                t.bytes += bytes;
+            }
+            None => self.tally.push((
+                service.service_id,
+                ServiceTraffic {
+                    datagrams: 1,
+                    bytes,
+                },
+            )),
+        }
+    }
+
+    fn flush(&mut self) {
+        self.mesh.flush();
+        if self.tally.is_empty() {
+            return;
+        }
+        let mut all = self
+            .services
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for (id, t) in self.tally.drain(..) {
+            let entry = all.entry(id).or_default();
+            entry.datagrams += t.datagrams;
+            entry.bytes += t.bytes;
+        }
+    }
 }

@@ -352,14 +352,27 @@ fn status(config: &Path, socket: Option<PathBuf>, json: bool) -> anyhow::Result<
         status.routing.service_endpoints
     );
     println!(
-        "xdp       {} mode on {}",
-        status.xdp.mode, status.xdp.interface
+        "xdp       {} mode on {}, ingress {}",
+        status.xdp.mode, status.xdp.interface, status.xdp.backend
     );
+    for (endpoint, error) in &status.xdp.socket_failures {
+        println!("  no socket for {endpoint}: {error}");
+    }
     for (verdict, n) in &status.xdp.verdicts {
         println!("  {verdict:<10} {n}");
     }
     for (name, n) in &status.xdp.counters {
         println!("    {name:<26} {n}");
+    }
+    let ingress: Vec<String> = status
+        .xdp
+        .ingress
+        .iter()
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    println!("ingress   {}", ingress.join(", "));
+    for (id, t) in &status.xdp.services {
+        println!("  service {id:<8} {} datagrams, {} B", t.datagrams, t.bytes);
     }
     let mesh = &status.mesh;
     println!(

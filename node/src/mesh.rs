@@ -19,7 +19,7 @@ use crate::routing::RoutingMap;
 /// tag (32). Using the IPv6 figure for both families keeps one MTU for every peer.
 pub const WIREGUARD_OVERHEAD: u16 = 80;
 /// Socket buffers: the kernel default (208 KiB) drops bursts at a few hundred Mbit/s.
-const SOCKET_BUFFER: usize = 16 << 20;
+pub const SOCKET_BUFFER: usize = 16 << 20;
 const FORWARD_QUEUE: usize = 65536;
 
 /// The TUN MTU: configured, or the underlay interface's MTU minus the overhead.

@@ -2,14 +2,16 @@
 //! reads its counters. This module is the only code that talks to the data plane: the
 //! rest of the daemon hands it the desired state and it applies the difference.
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
-use aya::maps::{HashMap, MapData, PerCpuArray};
+use aya::maps::{HashMap, MapData, PerCpuArray, XskMap};
+use aya::programs::xdp::XdpLinkId;
 use aya::programs::{Xdp, XdpMode as AyaXdpMode};
 use aya::{Ebpf, include_bytes_aligned};
 use flynode_xdp_common::{
     AddrKey, COUNTER_SLOTS, COUNTERS_MAP, Counter, PROGRAM_NAME, SERVICE_ADDRS_MAP,
-    SERVICE_FLAG_PROXY_PROTOCOL, SERVICES_MAP, ServiceKey, ServiceValue, Verdict,
+    SERVICE_FLAG_PROXY_PROTOCOL, SERVICES_MAP, ServiceKey, ServiceValue, Verdict, XSKS_MAP,
 };
 use serde::Serialize;
 
@@ -34,6 +36,24 @@ pub enum XdpError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error("inspecting the XDP state of `{interface}`: {source}")]
+    Inspect {
+        interface: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "`{interface}` already has an XDP program that is not flynode's (id {id}, name `{name}`); flynode never replaces another program: detach it first (`ip link set dev {interface} xdp off`)"
+    )]
+    Foreign {
+        interface: String,
+        id: u32,
+        name: String,
+    },
+    #[error(
+        "flynode's XDP program (id {id}) on `{interface}` is held by a live bpf_link: another flynode daemon runs on this interface"
+    )]
+    Busy { interface: String, id: u32 },
     #[error("BPF map `{map}`: {source}")]
     Map {
         map: &'static str,
@@ -61,16 +81,28 @@ impl std::fmt::Display for AttachedMode {
     }
 }
 
-/// The XDP classifier attached to one interface. Dropping it detaches the program (the
+/// flynode's XDP program and its maps: loaded by [`XdpClassifier::load`], attached to
+/// one interface by [`XdpClassifier::attach`]. Dropping it detaches the program (the
 /// attachment is a bpf_link owned by this process, so a crash detaches it too).
+///
+/// Maps are not pinned: a restart starts the counters from zero (Prometheus' `rate()`
+/// and `increase()` treat that as the counter reset it is), and nothing of a previous
+/// run survives in bpffs to be mistaken for current state. Pinning would need per
+/// network namespace paths (several daemons share one bpffs in tests and on hosts that
+/// run one flynode per netns) and a migration whenever a map's layout changes.
 pub struct XdpClassifier {
-    // Holds the program and its link; never read, but dropping it detaches.
-    _ebpf: Ebpf,
-    interface: String,
-    mode: AttachedMode,
+    ebpf: Ebpf,
+    attached: Option<Attached>,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     service_addrs: HashMap<MapData, AddrKey, u32>,
+    xsks: XskMap<MapData>,
     counters: PerCpuArray<MapData, u64>,
+}
+
+struct Attached {
+    interface: String,
+    mode: AttachedMode,
+    link: XdpLinkId,
 }
 
 /// What an update of the services map changed.
@@ -100,9 +132,8 @@ impl CounterSnapshot {
 }
 
 impl XdpClassifier {
-    /// Loads the program and attaches it to `interface`. `Auto` tries native first and
-    /// falls back to generic, logging why; `Native` and `Generic` are what they say.
-    pub fn attach(interface: &str, mode: XdpMode) -> Result<Self, XdpError> {
+    /// Loads the program into the kernel and takes its maps; nothing is attached yet.
+    pub fn load() -> Result<Self, XdpError> {
         let mut ebpf = Ebpf::load(PROGRAM_OBJECT).map_err(XdpError::Load)?;
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
@@ -110,59 +141,121 @@ impl XdpClassifier {
             .try_into()
             .map_err(XdpError::Program)?;
         program.load().map_err(XdpError::Program)?;
-        let attach = |program: &mut Xdp, mode: AttachedMode| {
+        let services = take_map(&mut ebpf, SERVICES_MAP, HashMap::try_from)?;
+        let service_addrs = take_map(&mut ebpf, SERVICE_ADDRS_MAP, HashMap::try_from)?;
+        let xsks = take_map(&mut ebpf, XSKS_MAP, XskMap::try_from)?;
+        let counters = take_map(&mut ebpf, COUNTERS_MAP, PerCpuArray::try_from)?;
+        Ok(Self {
+            ebpf,
+            attached: None,
+            services,
+            service_addrs,
+            xsks,
+            counters,
+        })
+    }
+
+    /// Loads the program and attaches it to `interface` (see [`Self::attach`]).
+    pub fn load_and_attach(interface: &str, mode: XdpMode) -> Result<Self, XdpError> {
+        let mut classifier = Self::load()?;
+        classifier.attach(interface, mode)?;
+        Ok(classifier)
+    }
+
+    fn program(&self) -> Result<&Xdp, XdpError> {
+        self.ebpf
+            .program(PROGRAM_NAME)
+            .ok_or(XdpError::Missing(PROGRAM_NAME))?
+            .try_into()
+            .map_err(XdpError::Program)
+    }
+
+    /// The loaded program, e.g. for `BPF_PROG_RUN` in benchmarks.
+    pub fn program_fd(&self) -> Result<BorrowedFd<'_>, XdpError> {
+        Ok(self.program()?.fd().map_err(XdpError::Program)?.as_fd())
+    }
+
+    /// Attaches the program to `interface`. `Auto` tries native first and falls back to
+    /// generic, logging why; `Native` and `Generic` are what they say. A flynode program
+    /// left attached by a previous run through netlink is replaced; any other program on
+    /// the interface is an error (we never detach someone else's program).
+    pub fn attach(&mut self, interface: &str, mode: XdpMode) -> Result<AttachedMode, XdpError> {
+        if self.attached.is_some() {
+            self.detach();
+        }
+        clear_stale_program(interface)?;
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or(XdpError::Missing(PROGRAM_NAME))?
+            .try_into()
+            .map_err(XdpError::Program)?;
+        let mut attach = |mode: AttachedMode| {
             let aya_mode = match mode {
                 AttachedMode::Native => AyaXdpMode::Driver,
                 AttachedMode::Generic => AyaXdpMode::Skb,
             };
             program
                 .attach(interface, aya_mode)
-                .map(|_| mode)
+                .map(|link| (mode, link))
                 .map_err(|source| XdpError::Attach {
                     interface: interface.to_owned(),
                     mode,
                     source,
                 })
         };
-        let mode = match mode {
-            XdpMode::Native => attach(program, AttachedMode::Native)?,
-            XdpMode::Generic => attach(program, AttachedMode::Generic)?,
-            XdpMode::Auto => match attach(program, AttachedMode::Native) {
-                Ok(mode) => mode,
+        let (mode, link) = match mode {
+            XdpMode::Native => attach(AttachedMode::Native)?,
+            XdpMode::Generic => attach(AttachedMode::Generic)?,
+            XdpMode::Auto => match attach(AttachedMode::Native) {
+                Ok(attached) => attached,
                 Err(native_error) => {
                     tracing::warn!(
                         interface,
                         error = %native_error,
                         "native XDP unavailable, falling back to generic mode"
                     );
-                    attach(program, AttachedMode::Generic)?
+                    attach(AttachedMode::Generic)?
                 }
             },
         };
-        let services = take_map(&mut ebpf, SERVICES_MAP, HashMap::try_from)?;
-        let service_addrs = take_map(&mut ebpf, SERVICE_ADDRS_MAP, HashMap::try_from)?;
-        let counters = take_map(&mut ebpf, COUNTERS_MAP, PerCpuArray::try_from)?;
-        Ok(Self {
-            _ebpf: ebpf,
+        self.attached = Some(Attached {
             interface: interface.to_owned(),
             mode,
-            services,
-            service_addrs,
-            counters,
-        })
+            link,
+        });
+        Ok(mode)
     }
 
-    pub fn interface(&self) -> &str {
-        &self.interface
+    /// Detaches the program from its interface (a no-op when not attached).
+    pub fn detach(&mut self) {
+        let Some(attached) = self.attached.take() else {
+            return;
+        };
+        let detached = self
+            .ebpf
+            .program_mut(PROGRAM_NAME)
+            .and_then(|p| <&mut Xdp>::try_from(p).ok())
+            .map(|p| p.detach(attached.link));
+        if let Some(Err(e)) = detached {
+            tracing::warn!(interface = %attached.interface, error = %e, "detaching XDP failed");
+        }
     }
 
-    pub fn mode(&self) -> AttachedMode {
-        self.mode
+    /// The interface the program is attached to.
+    pub fn interface(&self) -> Option<&str> {
+        self.attached.as_ref().map(|a| a.interface.as_str())
     }
 
-    /// Makes the services maps hold exactly `desired`, touching only entries that differ:
-    /// the program keeps classifying traffic for unchanged services throughout.
-    pub fn apply_services(
+    /// The mode the program is attached in.
+    pub fn mode(&self) -> Option<AttachedMode> {
+        self.attached.as_ref().map(|a| a.mode)
+    }
+
+    /// Makes the endpoints maps hold exactly `desired` (services and the node's own
+    /// WireGuard endpoints), touching only entries that differ: the program keeps
+    /// classifying traffic for unchanged entries throughout.
+    pub fn apply_endpoints(
         &mut self,
         desired: &BTreeMap<ServiceKey, ServiceValue>,
     ) -> Result<ServiceMapDiff, XdpError> {
@@ -178,11 +271,20 @@ impl XdpClassifier {
         // Addresses first on add, last on remove, so a datagram for a new service is
         // never counted as "unknown port" and one for a removed service never as
         // "service" after its address is gone.
-        let desired_addrs = addr_port_counts(desired.keys());
+        let desired_addrs = addr_port_counts(desired);
+        let current_addrs: BTreeMap<AddrKey, u32> = self
+            .service_addrs
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(SERVICE_ADDRS_MAP))?
+            .into_iter()
+            .collect();
         for (addr, ports) in &desired_addrs {
-            self.service_addrs
-                .insert(addr, ports, 0)
-                .map_err(map_err(SERVICE_ADDRS_MAP))?;
+            if current_addrs.get(addr) != Some(ports) {
+                self.service_addrs
+                    .insert(addr, ports, 0)
+                    .map_err(map_err(SERVICE_ADDRS_MAP))?;
+            }
         }
         for (key, value) in desired {
             match current.get(key) {
@@ -198,20 +300,44 @@ impl XdpClassifier {
             self.services.remove(key).map_err(map_err(SERVICES_MAP))?;
             diff.removed += 1;
         }
-        let stale_addrs: Vec<AddrKey> = self
-            .service_addrs
+        for addr in current_addrs
             .keys()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(map_err(SERVICE_ADDRS_MAP))?
-            .into_iter()
             .filter(|a| !desired_addrs.contains_key(a))
-            .collect();
-        for addr in stale_addrs {
+        {
             self.service_addrs
-                .remove(&addr)
+                .remove(addr)
                 .map_err(map_err(SERVICE_ADDRS_MAP))?;
         }
         Ok(diff)
+    }
+
+    /// Registers the AF_XDP socket bound to RX queue `queue`: from now on the program
+    /// redirects that queue's userspace datagrams into it.
+    pub fn register_socket(&mut self, queue: u32, socket: BorrowedFd<'_>) -> Result<(), XdpError> {
+        self.xsks
+            .set(queue, socket.as_raw_fd(), 0)
+            .map_err(|source| XdpError::Map {
+                map: XSKS_MAP,
+                source,
+            })
+    }
+
+    /// Unregisters queue `queue`'s socket: its datagrams go to the kernel (and flynode's
+    /// UDP sockets) again.
+    pub fn unregister_socket(&mut self, queue: u32) -> Result<(), XdpError> {
+        match self.xsks.unset(queue) {
+            Ok(()) => Ok(()),
+            // Not registered: nothing to undo.
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            Err(source) => Err(XdpError::Map {
+                map: XSKS_MAP,
+                source,
+            }),
+        }
     }
 
     /// Reads every counter, summed over CPUs.
@@ -231,6 +357,75 @@ impl XdpClassifier {
     }
 }
 
+impl Drop for XdpClassifier {
+    fn drop(&mut self) {
+        self.detach();
+    }
+}
+
+/// Makes sure nothing stale sits on `interface`: a flynode program attached through
+/// netlink by an earlier run (it outlives its process) is detached; a flynode program
+/// held by a live bpf_link means another daemon runs on this interface; any other
+/// program belongs to someone else and is left alone, with an error.
+fn clear_stale_program(interface: &str) -> Result<(), XdpError> {
+    let attachment = flynode_tunnel::io::link::xdp_attachment(interface).map_err(|source| {
+        XdpError::Inspect {
+            interface: interface.to_owned(),
+            source,
+        }
+    })?;
+    let Some(attachment) = attachment else {
+        return Ok(());
+    };
+    let id = attachment.program_id;
+    let name = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == id)
+        .and_then(|p| p.name_as_str().map(str::to_owned))
+        .unwrap_or_default();
+    if name != PROGRAM_NAME {
+        return Err(XdpError::Foreign {
+            interface: interface.to_owned(),
+            id,
+            name,
+        });
+    }
+    let held = aya::programs::loaded_links()
+        .filter_map(Result::ok)
+        .any(|l| l.program_id() == id);
+    if held {
+        return Err(XdpError::Busy {
+            interface: interface.to_owned(),
+            id,
+        });
+    }
+    let ifindex = ifindex(interface).map_err(|source| XdpError::Inspect {
+        interface: interface.to_owned(),
+        source,
+    })?;
+    flynode_tunnel::io::link::detach_xdp(ifindex, interface, attachment.mode).map_err(
+        |source| XdpError::Inspect {
+            interface: interface.to_owned(),
+            source,
+        },
+    )?;
+    tracing::warn!(
+        interface,
+        program_id = id,
+        "detached a stale flynode XDP program left attached by an earlier run"
+    );
+    Ok(())
+}
+
+fn ifindex(interface: &str) -> std::io::Result<u32> {
+    let name = std::ffi::CString::new(interface).map_err(std::io::Error::other)?;
+    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => Err(std::io::Error::last_os_error()),
+        index => Ok(index),
+    }
+}
+
 fn take_map<M>(
     ebpf: &mut Ebpf,
     name: &'static str,
@@ -240,10 +435,14 @@ fn take_map<M>(
     convert(map).map_err(|source| XdpError::Map { map: name, source })
 }
 
-fn addr_port_counts<'a>(keys: impl Iterator<Item = &'a ServiceKey>) -> BTreeMap<AddrKey, u32> {
+/// Ports served per service address; WireGuard endpoints are not service addresses (UDP
+/// to other ports of the host's own address is the host's business, not a drop).
+fn addr_port_counts(entries: &BTreeMap<ServiceKey, ServiceValue>) -> BTreeMap<AddrKey, u32> {
     let mut out = BTreeMap::new();
-    for key in keys {
-        *out.entry(key.addr).or_insert(0) += 1;
+    for (key, value) in entries {
+        if !value.is_wireguard() {
+            *out.entry(key.addr).or_insert(0) += 1;
+        }
     }
     out
 }
@@ -255,7 +454,23 @@ pub fn addr_key(addr: IpAddr) -> AddrKey {
     }
 }
 
-/// The services map a routing map asks for: one entry per (anycast address, port).
+/// The endpoints map a routing map asks for: one entry per (anycast address, port) of
+/// every service, plus this node's own WireGuard endpoint (`own_wireguard`).
+pub fn endpoint_entries(
+    map: &RoutingMap,
+    own_wireguard: &[SocketAddr],
+) -> BTreeMap<ServiceKey, ServiceValue> {
+    let mut entries = service_entries(map);
+    for endpoint in own_wireguard {
+        entries.insert(
+            ServiceKey::new(addr_key(endpoint.ip()), endpoint.port()),
+            ServiceValue::WIREGUARD,
+        );
+    }
+    entries
+}
+
+/// The services a routing map asks for: one entry per (anycast address, port).
 pub fn service_entries(map: &RoutingMap) -> BTreeMap<ServiceKey, ServiceValue> {
     map.service_endpoints()
         .map(|(addr, port, service)| {

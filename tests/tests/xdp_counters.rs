@@ -18,6 +18,49 @@ const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
 const OTHER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
 const ANYCAST6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 1);
 const PORT: u16 = 53;
+/// The node's own WireGuard endpoint in the routing map.
+const NODE4: Ipv4Addr = OTHER4;
+const WG_PORT: u16 = 51820;
+const IPV6_HOPOPTS: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_AH: u8 = 51;
+const IPV6_DSTOPTS: u8 = 60;
+
+/// A UDP payload shaped like a WireGuard message of `len` bytes (type, three zero
+/// bytes, then filler): what the XDP program can check without keys.
+fn wg_message(kind: u8, len: usize) -> Vec<u8> {
+    let mut m = vec![0xa5u8; len];
+    if len >= 4 {
+        m[..4].copy_from_slice(&[kind, 0, 0, 0]);
+    }
+    m
+}
+
+/// An IPv6 frame to the service address whose extension headers are `headers`
+/// (type, length byte), followed by `last` (the protocol of `tail`) and `tail`.
+fn ext6(headers: &[(u8, u8)], last: u8, tail: &[u8]) -> Vec<u8> {
+    let mut chain = Vec::new();
+    for (i, (kind, len)) in headers.iter().enumerate() {
+        let next = headers.get(i + 1).map_or(last, |h| h.0);
+        let size = if *kind == IPV6_AH {
+            (usize::from(*len) + 2) * 4
+        } else {
+            (usize::from(*len) + 1) * 8
+        };
+        let mut h = vec![0u8; size];
+        h[0] = next;
+        h[1] = *len;
+        if *kind == IPV6_DSTOPTS || *kind == IPV6_HOPOPTS {
+            // PadN option filling the rest of the header.
+            h[2] = 1;
+            h[3] = (size - 4) as u8;
+        }
+        chain.extend_from_slice(&h);
+    }
+    chain.extend_from_slice(tail);
+    let first = headers.first().map_or(last, |h| h.0);
+    ethernet(ETH_P_IPV6, None, &ipv6(CLIENT6, ANYCAST6, first, &chain))
+}
 
 fn routing(public_key: &flynode_keys::PublicKey) -> String {
     format!(
@@ -99,6 +142,13 @@ fn catalogue() -> Vec<(&'static str, Vec<u8>, Counter)> {
             &ipv6(CLIENT6, ANYCAST6, IPPROTO_FRAGMENT, &frag_hdr),
         )
     };
+    let frag_later_hdr = [IPPROTO_UDP, 0, 0x00, 0x08, 0, 0, 0, 2];
+    let frag6_later = ethernet(
+        ETH_P_IPV6,
+        None,
+        &ipv6(CLIENT6, ANYCAST6, IPPROTO_FRAGMENT, &frag_later_hdr),
+    );
+    let v6_udp = udp(&CLIENT6.octets(), &ANYCAST6.octets(), 40000, PORT, payload);
     vec![
         ("IPv4 to the service", v4.clone(), UserspaceService),
         ("IPv6 to the service", v6.clone(), UserspaceService),
@@ -177,7 +227,7 @@ fn catalogue() -> Vec<(&'static str, Vec<u8>, Counter)> {
                     &udp_v4(PORT, None),
                 ),
             ),
-            PassFragment,
+            PassFragmentFirst,
         ),
         (
             "IPv4 later fragment",
@@ -186,9 +236,100 @@ fn catalogue() -> Vec<(&'static str, Vec<u8>, Counter)> {
                 None,
                 &ipv4(CLIENT4, ANYCAST4, IPPROTO_UDP, &[], 0x0003, payload),
             ),
-            PassFragment,
+            PassFragmentLater,
         ),
-        ("IPv6 fragment header", frag6, PassFragment),
+        ("IPv6 atomic fragment (offset 0)", frag6, PassFragmentFirst),
+        ("IPv6 later fragment", frag6_later, PassFragmentLater),
+        (
+            "IPv6 hop-by-hop + destination options to the service",
+            ext6(
+                &[(IPV6_HOPOPTS, 0), (IPV6_DSTOPTS, 1)],
+                IPPROTO_UDP,
+                &v6_udp,
+            ),
+            UserspaceService,
+        ),
+        (
+            "IPv6 routing + AH to the service",
+            ext6(&[(IPV6_ROUTING, 0), (IPV6_AH, 4)], IPPROTO_UDP, &v6_udp),
+            UserspaceService,
+        ),
+        (
+            "IPv6 six extension headers to the service",
+            ext6(&[(IPV6_DSTOPTS, 0); 6], IPPROTO_UDP, &v6_udp),
+            UserspaceService,
+        ),
+        (
+            "IPv6 seven extension headers",
+            ext6(&[(IPV6_DSTOPTS, 0); 7], IPPROTO_UDP, &v6_udp),
+            PassIpv6ExtLimit,
+        ),
+        (
+            "IPv6 hop-by-hop then fragment",
+            ext6(&[(IPV6_HOPOPTS, 0)], IPPROTO_FRAGMENT, &frag_later_hdr),
+            PassFragmentLater,
+        ),
+        (
+            "IPv6 destination options then TCP",
+            ext6(&[(IPV6_DSTOPTS, 0)], IPPROTO_TCP, &[0u8; 20]),
+            PassNotUdp,
+        ),
+        (
+            "IPv6 extension header cut short",
+            {
+                let mut f = ext6(&[(IPV6_DSTOPTS, 0)], IPPROTO_UDP, &v6_udp);
+                // Payload length ends inside the options header: the frame holds it,
+                // the header's own length runs past the end of the frame.
+                f.truncate(L3 + 40 + 1);
+                f[L3 + 4..L3 + 6].copy_from_slice(&1u16.to_be_bytes());
+                f
+            },
+            DropMalformedIpv6,
+        ),
+        (
+            "IPv6 extension header beyond the payload length",
+            {
+                let mut f = ext6(&[(IPV6_DSTOPTS, 5)], IPPROTO_UDP, &v6_udp);
+                f[L3 + 4..L3 + 6].copy_from_slice(&8u16.to_be_bytes());
+                f
+            },
+            DropMalformedIpv6,
+        ),
+        (
+            "WireGuard handshake initiation",
+            udp4(None, CLIENT4, NODE4, WG_PORT, &wg_message(1, 148)),
+            UserspaceWireguard,
+        ),
+        (
+            "WireGuard transport data",
+            udp4(None, CLIENT4, NODE4, WG_PORT, &wg_message(4, 96)),
+            UserspaceWireguard,
+        ),
+        (
+            "WireGuard port, data not padded to 16",
+            udp4(None, CLIENT4, NODE4, WG_PORT, &wg_message(4, 40)),
+            DropNotWireguard,
+        ),
+        (
+            "WireGuard port, initiation of the wrong size",
+            udp4(None, CLIENT4, NODE4, WG_PORT, &wg_message(1, 92)),
+            DropNotWireguard,
+        ),
+        (
+            "WireGuard port, unknown type",
+            udp4(None, CLIENT4, NODE4, WG_PORT, &wg_message(9, 32)),
+            DropNotWireguard,
+        ),
+        (
+            "WireGuard port, empty",
+            udp4(None, CLIENT4, NODE4, WG_PORT, &[]),
+            DropNotWireguard,
+        ),
+        (
+            "the node's address, another port",
+            udp4(None, CLIENT4, NODE4, 22, payload),
+            PassNotService,
+        ),
         (
             "802.1Q tag cut short",
             with(ethernet(ETH_P_8021Q, None, &[0, 5]), 12, &[0x81, 0x00]),

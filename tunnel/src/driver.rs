@@ -81,6 +81,8 @@ struct Shared {
     tun: TunDevice,
     stop: AtomicBool,
     counters: DriverCounters,
+    local: Local,
+    forward: SyncSender<Inbound>,
 }
 
 /// A running mesh: TUN, socket, threads.
@@ -106,20 +108,21 @@ impl Mesh {
         })?;
         let udp = UdpSocket::bind(config.listen, config.socket_buffer)
             .map_err(|e| io::Error::new(e.kind(), format!("binding UDP {}: {e}", config.listen)))?;
+        let (fwd_tx, fwd_rx) = sync_channel(config.forward_queue.max(1));
         let shared = Arc::new(Shared {
             core: Arc::new(Core::new(key)),
             udp,
             tun,
             stop: AtomicBool::new(false),
             counters: DriverCounters::default(),
+            local: Local {
+                v6: config.tun.ipv6,
+                v4: config.tun.ipv4,
+                forward_port: config.forward_port,
+            },
+            forward: fwd_tx,
         });
-        let (fwd_tx, fwd_rx) = sync_channel(config.forward_queue.max(1));
-        let local = Local {
-            v6: config.tun.ipv6,
-            v4: config.tun.ipv4,
-            forward_port: config.forward_port,
-        };
-        let spawn = |name: &str, f: Box<dyn FnOnce(&Shared) + Send>| {
+        let spawn = |name: &str, f: Box<dyn FnOnce(&Arc<Shared>) + Send>| {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name(name.to_owned())
@@ -127,9 +130,9 @@ impl Mesh {
                 .map_err(|e| io::Error::new(e.kind(), format!("starting thread {name}: {e}")))
         };
         let threads = vec![
-            spawn("mesh-tx", Box::new(Shared::tx_loop))?,
-            spawn("mesh-rx", Box::new(move |s| s.rx_loop(local, fwd_tx)))?,
-            spawn("mesh-timers", Box::new(Shared::timer_loop))?,
+            spawn("mesh-tx", Box::new(|s| s.tx_loop()))?,
+            spawn("mesh-rx", Box::new(Shared::rx_loop))?,
+            spawn("mesh-timers", Box::new(|s| s.timer_loop()))?,
         ];
         Ok(Mesh {
             shared,
@@ -239,6 +242,12 @@ impl Mesh {
         self.shared.core.rotate_key(key);
     }
 
+    /// A receive path for WireGuard datagrams that arrive somewhere other than the
+    /// mesh's own socket (AF_XDP): each receiving thread owns one.
+    pub fn receiver(&self) -> MeshReceiver {
+        MeshReceiver::new(Arc::clone(&self.shared))
+    }
+
     fn flush(&self, batch: &mut SendBatch) {
         self.shared.send(batch);
     }
@@ -329,48 +338,17 @@ impl Shared {
         }
     }
 
-    fn rx_loop(&self, local: Local, forward: SyncSender<Inbound>) {
+    fn rx_loop(self: &Arc<Self>) {
         let mut in_batch = RecvBatch::new(64);
-        let mut tun_batch = self.tun.new_send_batch(128);
-        let mut replies = SendBatch::new(64);
-        let mut out = vec![0u8; BUF];
+        let mut receiver = MeshReceiver::new(Arc::clone(self));
         while !self.stop.load(Relaxed) {
             if !self.received(self.udp.recv_batch(&mut in_batch), "UDP receive") {
                 continue;
             }
-            let mut n = 0u64;
             for (src, datagram) in in_batch.iter() {
-                n += 1;
-                let decap = self
-                    .core
-                    .decapsulate(src, datagram, &mut out, &mut |dst, msg| {
-                        replies.push(dst, msg)
-                    });
-                let Decap::Inner { peer, len } = decap else {
-                    continue;
-                };
-                let packet = &out[..len];
-                if local.is_forwarded(packet) {
-                    let inbound = Inbound {
-                        from: Arc::clone(&peer.name),
-                        packet: packet.to_vec(),
-                    };
-                    match forward.try_send(inbound) {
-                        Ok(()) => self.counters.forwarded.fetch_add(1, Relaxed),
-                        Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                            self.counters.forward_queue_full.fetch_add(1, Relaxed)
-                        }
-                    };
-                } else {
-                    if tun_batch.is_full() {
-                        self.write_tun(&mut tun_batch);
-                    }
-                    tun_batch.push(packet);
-                }
+                receiver.push(src, datagram);
             }
-            self.counters.udp_rx_datagrams.fetch_add(n, Relaxed);
-            self.write_tun(&mut tun_batch);
-            self.send(&mut replies);
+            receiver.flush();
         }
     }
 
@@ -406,6 +384,78 @@ impl Shared {
                 .update_timers(&mut scratch, &mut |dst, msg| batch.push(dst, msg));
             self.send(&mut batch);
         }
+    }
+}
+
+/// The receive half of the mesh for one thread: WireGuard datagrams in (from the mesh's
+/// UDP socket, or from AF_XDP), decrypted packets out to the TUN or the forwarding
+/// queue, handshake replies out through the mesh socket. Batches are per receiver, so
+/// several threads receive in parallel without sharing buffers.
+pub struct MeshReceiver {
+    shared: Arc<Shared>,
+    tun_batch: TunSendBatch,
+    replies: SendBatch,
+    out: Vec<u8>,
+    datagrams: u64,
+}
+
+impl MeshReceiver {
+    fn new(shared: Arc<Shared>) -> MeshReceiver {
+        MeshReceiver {
+            tun_batch: shared.tun.new_send_batch(128),
+            shared,
+            replies: SendBatch::new(64),
+            out: vec![0u8; BUF],
+            datagrams: 0,
+        }
+    }
+
+    /// Processes one WireGuard datagram from `src`. Outputs are batched until
+    /// [`flush`](Self::flush) (or until a batch fills).
+    pub fn push(&mut self, src: SocketAddr, datagram: &[u8]) {
+        let shared = &*self.shared;
+        self.datagrams += 1;
+        let replies = &mut self.replies;
+        let decap = shared
+            .core
+            .decapsulate(src, datagram, &mut self.out, &mut |dst, msg| {
+                replies.push(dst, msg)
+            });
+        let Decap::Inner { peer, len } = decap else {
+            if self.replies.is_full() {
+                shared.send(&mut self.replies);
+            }
+            return;
+        };
+        let packet = &self.out[..len];
+        if shared.local.is_forwarded(packet) {
+            let inbound = Inbound {
+                from: Arc::clone(&peer.name),
+                packet: packet.to_vec(),
+            };
+            match shared.forward.try_send(inbound) {
+                Ok(()) => shared.counters.forwarded.fetch_add(1, Relaxed),
+                Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                    shared.counters.forward_queue_full.fetch_add(1, Relaxed)
+                }
+            };
+        } else {
+            if self.tun_batch.is_full() {
+                shared.write_tun(&mut self.tun_batch);
+            }
+            self.tun_batch.push(packet);
+        }
+    }
+
+    /// Writes what the datagrams so far produced: packets to the TUN, replies to peers.
+    pub fn flush(&mut self) {
+        let shared = &*self.shared;
+        shared
+            .counters
+            .udp_rx_datagrams
+            .fetch_add(std::mem::take(&mut self.datagrams), Relaxed);
+        shared.write_tun(&mut self.tun_batch);
+        shared.send(&mut self.replies);
     }
 }
 

@@ -17,6 +17,7 @@
 //!
 //! Every `unsafe` block in this module tree carries a `SAFETY:` comment with its argument.
 
+pub mod link;
 pub mod route;
 pub mod tun;
 pub mod udp;

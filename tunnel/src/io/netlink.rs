@@ -46,6 +46,12 @@ const IFLA_IFNAME: u16 = 3;
 const IFLA_MTU: u16 = 4;
 const IFLA_LINKINFO: u16 = 18;
 const IFLA_GSO_MAX_SEGS: u16 = 40;
+const IFLA_XDP: u16 = 43;
+const IFLA_XDP_FD: u16 = 1;
+const IFLA_XDP_ATTACHED: u16 = 2;
+const IFLA_XDP_FLAGS: u16 = 3;
+const IFLA_XDP_PROG_ID: u16 = 4;
+const NLA_F_NESTED: u16 = 0x8000;
 const IFLA_INFO_KIND: u16 = 1;
 
 const IFA_ADDRESS: u16 = 1;
@@ -74,6 +80,8 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub(crate) struct Link {
     pub mtu: Option<u32>,
+    /// The XDP program attached to the link, if any: (program id, `XDP_ATTACHED_*`).
+    pub xdp: Option<(u32, u8)>,
     /// `IFLA_INFO_KIND` ("tun" for TUN/TAP devices, "veth", ...); `None` for devices
     /// without rtnl link ops (e.g. loopback).
     pub kind: Option<String>,
@@ -431,6 +439,18 @@ impl Netlink {
         self.transact(msg, |_, _| {})
     }
 
+    /// Detaches a netlink-attached XDP program (`ip link set dev X xdp off`); `flags` are
+    /// the `XDP_FLAGS_*` mode the program was attached with.
+    pub(crate) fn detach_xdp(&mut self, index: u32, flags: u32) -> io::Result<()> {
+        let mut nested = Msg { buf: Vec::new() };
+        nested.attr(IFLA_XDP_FD, &(-1i32).to_ne_bytes());
+        nested.attr_u32(IFLA_XDP_FLAGS, flags);
+        let mut msg = Msg::new(RTM_NEWLINK, 0);
+        msg.header(&ifinfomsg(libc::AF_UNSPEC as u8, index, 0, 0));
+        msg.attr(IFLA_XDP | NLA_F_NESTED, &nested.buf);
+        self.transact(msg, |_, _| {})
+    }
+
     /// Caps the number of segments the kernel puts in one GSO packet for this link.
     pub(crate) fn set_gso_max_segs(&mut self, index: u32, segs: u32) -> io::Result<()> {
         let mut msg = Msg::new(RTM_NEWLINK, 0);
@@ -565,11 +585,25 @@ fn parse_link(payload: &[u8]) -> Option<Link> {
     payload.get(..16)?; // ifinfomsg
     let mut link = Link {
         mtu: None,
+        xdp: None,
         kind: None,
     };
     for (ty, v) in attrs(payload.get(16..)?) {
         match ty {
             IFLA_MTU => link.mtu = u32_at(v, 0),
+            IFLA_XDP => {
+                let (mut attached, mut prog) = (0u8, 0u32);
+                for (xty, xv) in attrs(v) {
+                    match xty {
+                        IFLA_XDP_ATTACHED => attached = xv.first().copied().unwrap_or(0),
+                        IFLA_XDP_PROG_ID => prog = u32_at(xv, 0).unwrap_or(0),
+                        _ => {}
+                    }
+                }
+                if attached != 0 {
+                    link.xdp = Some((prog, attached));
+                }
+            }
             IFLA_LINKINFO => {
                 for (ity, iv) in attrs(v) {
                     if ity == IFLA_INFO_KIND {

@@ -150,6 +150,9 @@ fn from_raw(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
+/// linux/in6.h; not in the libc crate.
+const IPV6_FREEBIND: libc::c_int = 78;
+
 /// A UDP socket for WireGuard traffic. See the [module documentation](self).
 #[derive(Debug)]
 pub struct UdpSocket {
@@ -215,6 +218,17 @@ impl UdpSocket {
     /// when the kernel has it, and GSO is used when the kernel supports `UDP_SEGMENT`.
     /// The socket is blocking with a [`DEFAULT_READ_TIMEOUT`] receive timeout.
     pub fn bind(addr: SocketAddr, buffer_bytes: usize) -> io::Result<UdpSocket> {
+        Self::bind_with(addr, buffer_bytes, false)
+    }
+
+    /// [`bind`](Self::bind) with `IP_FREEBIND`/`IPV6_FREEBIND`: the address need not be
+    /// configured on the host yet (an anycast service address that arrives with the
+    /// routing map before the operator's routing daemon announces it).
+    pub fn bind_freebind(addr: SocketAddr, buffer_bytes: usize) -> io::Result<UdpSocket> {
+        Self::bind_with(addr, buffer_bytes, true)
+    }
+
+    fn bind_with(addr: SocketAddr, buffer_bytes: usize, freebind: bool) -> io::Result<UdpSocket> {
         let domain = if addr.is_ipv4() {
             Domain::IPV4
         } else {
@@ -245,6 +259,15 @@ impl UdpSocket {
         }
         sock.set_read_timeout(Some(DEFAULT_READ_TIMEOUT))
             .ctx(|| "set SO_RCVTIMEO on UDP socket".to_string())?;
+        if freebind {
+            let (level, opt) = if addr.is_ipv4() {
+                (libc::SOL_IP, libc::IP_FREEBIND)
+            } else {
+                (libc::SOL_IPV6, IPV6_FREEBIND)
+            };
+            setsockopt_int(sock.as_raw_fd(), level, opt, 1)
+                .ctx(|| format!("set FREEBIND on UDP socket for {addr}"))?;
+        }
         sock.bind(&addr.into())
             .ctx(|| format!("bind UDP socket to {addr}"))?;
         let fd = sock.as_raw_fd();

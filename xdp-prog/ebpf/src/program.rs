@@ -1,11 +1,12 @@
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
-    maps::{HashMap, PerCpuArray},
+    maps::{HashMap, PerCpuArray, XskMap},
     programs::XdpContext,
 };
 use flynode_xdp_common::{
-    AddrKey, COUNTER_SLOTS, Counter, MAX_SERVICE_ADDRS, MAX_SERVICES, ServiceKey, ServiceValue,
+    AddrKey, COUNTER_SLOTS, Counter, MAX_IPV6_EXT_HEADERS, MAX_QUEUES, MAX_SERVICE_ADDRS,
+    MAX_SERVICES, ServiceKey, ServiceValue, wireguard,
 };
 
 #[map]
@@ -13,6 +14,9 @@ static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entries(M
 
 #[map]
 static SERVICE_ADDRS: HashMap<AddrKey, u32> = HashMap::with_max_entries(MAX_SERVICE_ADDRS, 0);
+
+#[map]
+static XSKS: XskMap = XskMap::with_max_entries(MAX_QUEUES, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
@@ -23,24 +27,50 @@ const ETH_P_IPV4: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const IPPROTO_UDP: u8 = 17;
+const IPV6_NEXTHDR_HOP: u8 = 0;
+const IPV6_NEXTHDR_ROUTING: u8 = 43;
 const IPV6_NEXTHDR_FRAGMENT: u8 = 44;
+const IPV6_NEXTHDR_AUTH: u8 = 51;
+const IPV6_NEXTHDR_DEST: u8 = 60;
 const IPV4_HLEN_MIN: usize = 20;
 const IPV6_HLEN: usize = 40;
+const IPV6_FRAG_HLEN: usize = 8;
 const UDP_HLEN: usize = 8;
 /// IPv4 "more fragments" flag and fragment offset mask, in host order of the 16-bit field.
 const IPV4_MF: u16 = 0x2000;
 const IPV4_OFFSET_MASK: u16 = 0x1fff;
+/// Fragment offset mask of the IPv6 fragment header's 16-bit offset/flags field.
+const IPV6_OFFSET_MASK: u16 = 0xfff8;
+/// Upper bound on any offset into the frame: keeps every computed offset a bounded
+/// scalar for the verifier (frames are never longer than 64 KiB).
+const OFFSET_MASK: usize = 0xffff;
 
 #[xdp]
 pub fn flynode_xdp(ctx: XdpContext) -> u32 {
     let counter = classify(&ctx);
-    count(counter);
-    match counter.verdict() {
-        // No AF_XDP socket exists yet (a later issue adds the XSKMAP redirect): the
-        // kernel's own UDP stack receives service datagrams, which is the socket fallback.
-        flynode_xdp_common::Verdict::Userspace => xdp_action::XDP_PASS,
-        flynode_xdp_common::Verdict::Pass => xdp_action::XDP_PASS,
-        flynode_xdp_common::Verdict::Drop => xdp_action::XDP_DROP,
+    match counter {
+        Counter::UserspaceService | Counter::UserspaceWireguard => {
+            // XDP_PASS in the flags' low bits is what bpf_redirect_map returns when the
+            // queue has no socket: the kernel stack then delivers the datagram to
+            // flynode's UDP socket (the socket fallback), and it is counted as such.
+            match XSKS.redirect(ctx.rx_queue_index(), xdp_action::XDP_PASS as u64) {
+                Ok(action) => {
+                    count(counter);
+                    action
+                }
+                Err(action) => {
+                    count(counter.socket_fallback());
+                    action
+                }
+            }
+        }
+        _ => {
+            count(counter);
+            match counter.verdict() {
+                flynode_xdp_common::Verdict::Drop => xdp_action::XDP_DROP,
+                _ => xdp_action::XDP_PASS,
+            }
+        }
     }
 }
 
@@ -59,6 +89,7 @@ fn count(counter: Counter) {
 fn bytes_at<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<&[u8; N]> {
     let start = ctx.data();
     let end = ctx.data_end();
+    let offset = offset & OFFSET_MASK;
     if start + offset + N > end {
         return None;
     }
@@ -120,22 +151,18 @@ fn classify_ipv4(ctx: &XdpContext, l3: usize) -> Counter {
     if ip[9] != IPPROTO_UDP {
         return Counter::PassNotUdp;
     }
-    // Any fragment, first or later, goes to the kernel, which reassembles it: a later
-    // fragment has no UDP header to classify, and a first one does not hold the whole
-    // datagram.
+    // Fragments go to the kernel, which reassembles them: a later fragment has no UDP
+    // header to classify, and a first one does not hold the whole datagram. flynode
+    // keeps a UDP socket on every service port, so the reassembled datagram reaches it.
     let frag = be16(ip[6], ip[7]);
-    if frag & (IPV4_MF | IPV4_OFFSET_MASK) != 0 {
-        return Counter::PassFragment;
+    if frag & IPV4_OFFSET_MASK != 0 {
+        return Counter::PassFragmentLater;
+    }
+    if frag & IPV4_MF != 0 {
+        return Counter::PassFragmentFirst;
     }
     let dst = AddrKey::from_ipv4([ip[16], ip[17], ip[18], ip[19]]);
-    let Some(udp) = bytes_at::<UDP_HLEN>(ctx, l3 + (ihl & 0x3c)) else {
-        return Counter::DropMalformedUdp;
-    };
-    let udp_len = be16(udp[4], udp[5]) as usize;
-    if udp_len < UDP_HLEN || udp_len > total_len - ihl {
-        return Counter::DropMalformedUdp;
-    }
-    lookup(dst, be16(udp[2], udp[3]))
+    classify_udp(ctx, dst, l3 + (ihl & 0x3c), l3 + total_len)
 }
 
 #[inline(always)]
@@ -146,32 +173,81 @@ fn classify_ipv6(ctx: &XdpContext, l3: usize) -> Counter {
     if ip[0] >> 4 != 6 {
         return Counter::DropMalformedIpv6;
     }
-    let payload_len = be16(ip[4], ip[5]) as usize;
-    if !frame_holds(ctx, l3 + IPV6_HLEN + payload_len) {
+    let ip_end = l3 + IPV6_HLEN + be16(ip[4], ip[5]) as usize;
+    if !frame_holds(ctx, ip_end) {
         return Counter::DropMalformedIpv6;
-    }
-    match ip[6] {
-        IPPROTO_UDP => {}
-        IPV6_NEXTHDR_FRAGMENT => return Counter::PassFragment,
-        _ => return Counter::PassNotUdp,
     }
     let mut dst = [0u8; 16];
     dst.copy_from_slice(&ip[24..40]);
-    let Some(udp) = bytes_at::<UDP_HLEN>(ctx, l3 + IPV6_HLEN) else {
+    let mut next = ip[6];
+    let mut offset = l3 + IPV6_HLEN;
+    // A bounded walk of the extension headers (RFC 8200 §4): each iteration reads one
+    // header's next-header and length bytes; the verifier sees at most
+    // MAX_IPV6_EXT_HEADERS iterations, each offset bounded by OFFSET_MASK.
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        match next {
+            IPPROTO_UDP => return classify_udp(ctx, AddrKey::from_ipv6(dst), offset, ip_end),
+            IPV6_NEXTHDR_HOP | IPV6_NEXTHDR_ROUTING | IPV6_NEXTHDR_DEST => {
+                let Some(h) = bytes_at::<2>(ctx, offset) else {
+                    return Counter::DropMalformedIpv6;
+                };
+                next = h[0];
+                offset = (offset + (h[1] as usize + 1) * 8) & OFFSET_MASK;
+            }
+            IPV6_NEXTHDR_AUTH => {
+                let Some(h) = bytes_at::<2>(ctx, offset) else {
+                    return Counter::DropMalformedIpv6;
+                };
+                next = h[0];
+                offset = (offset + (h[1] as usize + 2) * 4) & OFFSET_MASK;
+            }
+            IPV6_NEXTHDR_FRAGMENT => {
+                let Some(h) = bytes_at::<IPV6_FRAG_HLEN>(ctx, offset) else {
+                    return Counter::DropMalformedIpv6;
+                };
+                // An atomic fragment (offset 0, no more fragments; RFC 6946) is a whole
+                // datagram, but the kernel handles it as a fragment: so do we.
+                return if be16(h[2], h[3]) & IPV6_OFFSET_MASK != 0 {
+                    Counter::PassFragmentLater
+                } else {
+                    Counter::PassFragmentFirst
+                };
+            }
+            // TCP, ICMPv6, ESP, "no next header", ...
+            _ => return Counter::PassNotUdp,
+        }
+        if offset > ip_end {
+            return Counter::DropMalformedIpv6;
+        }
+    }
+    if next == IPPROTO_UDP {
+        return classify_udp(ctx, AddrKey::from_ipv6(dst), offset, ip_end);
+    }
+    Counter::PassIpv6ExtLimit
+}
+
+/// The UDP header at `offset`, inside an IP datagram that ends at `ip_end`.
+#[inline(always)]
+fn classify_udp(ctx: &XdpContext, dst: AddrKey, offset: usize, ip_end: usize) -> Counter {
+    let Some(udp) = bytes_at::<UDP_HLEN>(ctx, offset) else {
         return Counter::DropMalformedUdp;
     };
     let udp_len = be16(udp[4], udp[5]) as usize;
-    if udp_len < UDP_HLEN || udp_len > payload_len {
+    if udp_len < UDP_HLEN || offset + udp_len > ip_end {
         return Counter::DropMalformedUdp;
     }
-    lookup(AddrKey::from_ipv6(dst), be16(udp[2], udp[3]))
-}
-
-#[inline(always)]
-fn lookup(dst: AddrKey, port: u16) -> Counter {
-    let key = ServiceKey::new(dst, port);
-    if SERVICES.get_ptr(&key).is_some() {
-        return Counter::UserspaceService;
+    let key = ServiceKey::new(dst, be16(udp[2], udp[3]));
+    if let Some(value) = SERVICES.get_ptr(&key) {
+        // SAFETY: a map value pointer from a successful lookup, valid for this program run.
+        let value = unsafe { &*value };
+        if !value.is_wireguard() {
+            return Counter::UserspaceService;
+        }
+        let payload_len = udp_len - UDP_HLEN;
+        return match bytes_at::<4>(ctx, offset + UDP_HLEN) {
+            Some(head) if wireguard::plausible(*head, payload_len) => Counter::UserspaceWireguard,
+            _ => Counter::DropNotWireguard,
+        };
     }
     if SERVICE_ADDRS.get_ptr(&dst).is_some() {
         return Counter::DropUnknownPort;
