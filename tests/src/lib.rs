@@ -7,3 +7,4 @@ pub mod frames;
 pub mod mesh;
 pub mod node;
 pub mod packet;
+pub mod xdp;

@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
-use flynode::netns::{Netns, veth, wait_for};
+use flynode::netns::wait_for;
 use flynode_tests::frames::*;
 use flynode_tests::node::{Daemon, require_root};
-use flynode_tests::packet::RawSender;
+use flynode_tests::xdp::{quiet_pair, send_frames};
 use flynode_xdp_common::Counter;
 
 const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
@@ -433,26 +433,6 @@ fn catalogue() -> Vec<(&'static str, Vec<u8>, Counter)> {
     ]
 }
 
-/// Two namespaces joined by a veth with nothing of the kernel's own on the wire: no
-/// addresses (so no ARP) and IPv6 disabled (so no neighbour discovery or MLD). Every
-/// frame the classifier sees is one this test sent.
-fn quiet_pair() -> (Netns, Netns) {
-    let sender = Netns::create("sender").expect("netns");
-    let node = Netns::create("node").expect("netns");
-    // Disabled on the veth only: the node's mesh TUN needs IPv6, and it sends nothing
-    // on the wire.
-    for ns in [&sender, &node] {
-        ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1")
-            .expect("sysctl");
-    }
-    veth(&sender, "eth0", &node, "eth0").expect("veth");
-    node.sysctl("net.ipv6.conf.default.disable_ipv6", "0")
-        .expect("sysctl");
-    node.ip(&["link", "set", "eth0", "address", "02:00:00:00:00:01"])
-        .expect("mac");
-    (sender, node)
-}
-
 fn counters_equal_frames_sent(mode: &str) {
     require_root();
     let (sender, node) = quiet_pair();
@@ -516,17 +496,6 @@ fn counters_equal_frames_sent_in_native_mode() {
 #[test]
 fn counters_equal_frames_sent_in_generic_mode() {
     counters_equal_frames_sent("generic");
-}
-
-fn send_frames(sender: &Netns, frames: &[Vec<u8>]) {
-    sender
-        .enter(|| {
-            let tx = RawSender::bind("eth0").expect("AF_PACKET socket");
-            for f in frames {
-                tx.send(f).expect("send frame");
-            }
-        })
-        .expect("enter sender namespace");
 }
 
 /// Waits until the counters have moved by `frames` in total and returns them.
