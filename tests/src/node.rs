@@ -284,6 +284,14 @@ impl Daemon {
         assert_eq!(rc, 0, "SIGHUP to flynode");
     }
 
+    /// Replaces the routing file the way configuration management does (a new file
+    /// renamed over the old one) and nothing else: the daemon watches the file.
+    pub fn write_routing(&self, routing: &str) {
+        let tmp = self.dir().join(".routing.toml.new");
+        std::fs::write(&tmp, routing).expect("routing");
+        std::fs::rename(&tmp, self.dir().join("routing.toml")).expect("rename routing");
+    }
+
     /// SIGTERM and wait for a clean exit.
     pub fn stop(mut self) -> ExitStatus {
         self.child

@@ -85,9 +85,8 @@ impl Handler for Capture {
 /// A handler factory whose handlers send everything they see to the receiver.
 pub fn capture() -> (HandlerFactory, Receiver<Seen>) {
     let (tx, rx) = channel();
-    let factory: HandlerFactory = std::sync::Arc::new(move || {
-        Box::new(Capture(tx.clone())) as Box<dyn Handler>
-    });
+    let factory: HandlerFactory =
+        std::sync::Arc::new(move || Box::new(Capture(tx.clone())) as Box<dyn Handler>);
     (factory, rx)
 }
 

@@ -557,3 +557,171 @@ fn a_port_added_then_removed_in_the_routing_file_changes_verdicts_after_sighup()
         "nothing else on the wire: {c:?}"
     );
 }
+
+/// The status' count of datagrams the daemon received for service 7.
+fn service_datagrams(daemon: &Daemon) -> u64 {
+    daemon.status()["xdp"]["services"]["7"]["datagrams"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// Waits until the daemon serves `n` endpoints; returns how long that took.
+fn until_endpoints(daemon: &Daemon, n: u64) -> Duration {
+    let start = std::time::Instant::now();
+    wait_for(Duration::from_secs(5), || {
+        (daemon.status()["routing"]["service_endpoints"] == n).then_some(())
+    })
+    .unwrap_or_else(|| panic!("the daemon never served {n} endpoints:\n{}", daemon.log()));
+    start.elapsed()
+}
+
+#[test]
+fn a_service_added_then_removed_in_the_watched_file_leaves_other_traffic_alone() {
+    require_root();
+    let (sender, node) = quiet_pair();
+    let daemon = Daemon::start(&node, "eth0", "native", routing);
+    let stream: Vec<Vec<u8>> = (0..2000u32)
+        .map(|i| udp4(None, CLIENT4, ANYCAST4, PORT, &i.to_be_bytes()))
+        .collect();
+    let probe = || vec![udp4(None, CLIENT4, ANYCAST4, 5353, b"probe"); 20];
+    let (added, removed) = std::thread::scope(|s| {
+        // Service 7 on port 53 receives a steady stream (bursts of 20 every 2 ms) while
+        // port 5353 is added and removed.
+        let streaming = s.spawn(|| {
+            for burst in stream.chunks(20) {
+                send_frames(&sender, burst);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        let with_5353 = routing(&daemon.public_key()).replace("ports = [53]", "ports = [53, 5353]");
+        daemon.write_routing(&with_5353);
+        let added = until_endpoints(&daemon, 4);
+        send_frames(&sender, &probe());
+        daemon.write_routing(&routing(&daemon.public_key()));
+        let removed = until_endpoints(&daemon, 2);
+        send_frames(&sender, &probe());
+        streaming.join().expect("stream");
+        (added, removed)
+    });
+    eprintln!(
+        "watched file to applied map (as seen through `flynode status`): add {added:?}, remove {removed:?}"
+    );
+    wait_for(Duration::from_secs(5), || {
+        (service_datagrams(&daemon) == 2020).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "service 7 received {} datagrams, expected 2000 streamed + 20 probes: {}",
+            service_datagrams(&daemon),
+            daemon.status()["xdp"]
+        )
+    });
+    let c = daemon.counters();
+    assert_eq!(c["userspace_service"], 2020, "{c:?}");
+    assert_eq!(c["drop_unknown_port"], 20, "{c:?}");
+    assert_eq!(c.values().sum::<u64>(), 2040, "nothing else: {c:?}");
+    assert_eq!(daemon.status()["xdp"]["ingress"]["xsk_datagrams"], 2020);
+}
+
+/// Pins a BPF object (program or map) at `path` (BPF_OBJ_PIN).
+fn pin_bpf_object(fd: std::os::fd::BorrowedFd<'_>, path: &std::path::Path) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    #[repr(C)]
+    struct PinAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let cpath = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let attr = PinAttr {
+        pathname: cpath.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        file_flags: 0,
+    };
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    // SAFETY: bpf(2) with a correctly sized, initialised attribute struct whose path
+    // pointer outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_PIN,
+            &attr as *const PinAttr,
+            std::mem::size_of::<PinAttr>(),
+        )
+    };
+    assert_eq!(rc, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+}
+
+fn attached_xdp(node: &flynode::netns::Netns) -> String {
+    let out = node
+        .command("ip")
+        .args(["-d", "link", "show", "eth0"])
+        .output()
+        .expect("ip link");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .filter(|l| l.contains("xdp") || l.contains("prog/xdp"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn a_killed_daemon_leaves_no_program_and_a_restart_replaces_a_stale_one() {
+    require_root();
+    let (_sender, node) = quiet_pair();
+    let daemon = Daemon::start(&node, "eth0", "generic", routing);
+    assert!(!attached_xdp(&node).is_empty(), "attached while running");
+    let prepared = daemon.kill();
+    // The attachment is a bpf_link owned by the process: SIGKILL closes it.
+    assert_eq!(attached_xdp(&node), "", "nothing left after kill -9");
+
+    // A flynode program attached through netlink (what an older kernel without bpf_link
+    // gets) outlives its process. Make one: load the program, pin it, attach the pin
+    // with iproute2, unpin.
+    // `ip -n` remounts /sys for the namespace, so the pin lives on a bpffs of our own.
+    let bpffs = tempfile::tempdir().expect("tempdir");
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "bpf", "bpf"])
+        .arg(bpffs.path())
+        .status()
+        .expect("mount");
+    assert!(mounted.success(), "mount bpffs");
+    let pin = bpffs.path().join("stale");
+    node.enter(|| {
+        let classifier = flynode::xdp::XdpClassifier::load().expect("load");
+        pin_bpf_object(classifier.program_fd().expect("fd"), &pin);
+    })
+    .unwrap();
+    let attach = node.ip(&[
+        "link",
+        "set",
+        "dev",
+        "eth0",
+        "xdpgeneric",
+        "pinned",
+        pin.to_str().unwrap(),
+    ]);
+    let _ = std::fs::remove_file(&pin);
+    let _ = std::process::Command::new("umount")
+        .arg(bpffs.path())
+        .status();
+    attach.expect("attach the stale program through netlink");
+    let stale = attached_xdp(&node);
+    assert!(!stale.is_empty(), "stale program attached");
+
+    let routing_text = routing(&prepared.public_key);
+    let daemon = prepared.start(&node, &routing_text);
+    assert!(
+        daemon
+            .log()
+            .contains("detached a stale flynode XDP program"),
+        "{}",
+        daemon.log()
+    );
+    assert_eq!(daemon.status()["xdp"]["mode"], "generic");
+    let now = attached_xdp(&node);
+    assert!(!now.is_empty() && now != stale, "a new program: {now}");
+    assert!(daemon.stop().success());
+    assert_eq!(attached_xdp(&node), "", "nothing left after stop");
+}

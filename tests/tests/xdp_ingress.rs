@@ -318,11 +318,9 @@ fn a_foreign_xdp_program_is_never_replaced() {
     let err = node
         .enter(|| {
             let ifindex = flynode_xsk::rawbpf::ifindex("eth0").unwrap();
-            let prog = flynode_xsk::rawbpf::load_xdp(
-                "someone_else",
-                &flynode_xsk::rawbpf::xdp_return(2),
-            )
-            .unwrap();
+            let prog =
+                flynode_xsk::rawbpf::load_xdp("someone_else", &flynode_xsk::rawbpf::xdp_return(2))
+                    .unwrap();
             let _link = flynode_xsk::rawbpf::attach_xdp(
                 std::os::fd::AsFd::as_fd(&prog),
                 ifindex,
