@@ -74,6 +74,9 @@ pub struct DriverCounters {
     pub io_errors: AtomicU64,
 }
 
+/// The body of one mesh thread.
+type ThreadBody = Box<dyn FnOnce(&Arc<Shared>) + Send>;
+
 /// What the mesh threads share.
 struct Shared {
     core: Arc<Core>,
@@ -122,7 +125,7 @@ impl Mesh {
             },
             forward: fwd_tx,
         });
-        let spawn = |name: &str, f: Box<dyn FnOnce(&Arc<Shared>) + Send>| {
+        let spawn = |name: &str, f: ThreadBody| {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name(name.to_owned())

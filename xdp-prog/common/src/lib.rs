@@ -144,7 +144,7 @@ pub mod wireguard {
             HANDSHAKE_INITIATION => len == HANDSHAKE_INITIATION_LEN,
             HANDSHAKE_RESPONSE => len == HANDSHAKE_RESPONSE_LEN,
             COOKIE_REPLY => len == COOKIE_REPLY_LEN,
-            TRANSPORT_DATA => len >= TRANSPORT_DATA_MIN_LEN && len % 16 == 0,
+            TRANSPORT_DATA => len >= TRANSPORT_DATA_MIN_LEN && len.is_multiple_of(16),
             _ => false,
         }
     }
