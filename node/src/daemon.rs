@@ -86,7 +86,8 @@ async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
         mode = %xdp.mode().map_or_else(String::new, |m| m.to_string()),
         "XDP program attached"
     );
-    let entries = endpoint_entries(&routing, &own_wireguard(&config, &routing));
+    let native = xdp.mode() == Some(crate::xdp::AttachedMode::Native);
+    let entries = endpoint_entries(&routing, &own_wireguard(&config, &routing, native));
     let diff = xdp.apply_endpoints(&entries)?;
     tracing::info!(
         node = %config.node_id,
@@ -112,6 +113,7 @@ async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
         &IngressConfig {
             interface: config.xdp.interface.clone(),
             backend: config.xdp.backend,
+            generic_xdp: !native,
             socket_buffer: mesh::SOCKET_BUFFER,
         },
         &mut xdp,
@@ -205,7 +207,9 @@ fn reload(state: &Mutex<State>) {
             if let Err(e) = mesh::apply_peers(&state.mesh, &state.config, &routing) {
                 tracing::error!(error = %format!("{e:#}"), "applying the reloaded mesh peers failed");
             }
-            let entries = endpoint_entries(&routing, &own_wireguard(&state.config, &routing));
+            let native = state.xdp.mode() == Some(crate::xdp::AttachedMode::Native);
+            let entries =
+                endpoint_entries(&routing, &own_wireguard(&state.config, &routing, native));
             if let Some(ingress) = &mut state.ingress {
                 ingress.apply(&entries);
             }
@@ -363,8 +367,14 @@ fn status(state: &State) -> anyhow::Result<Status> {
 }
 
 /// The node's own WireGuard endpoint, as the routing map publishes it: what the XDP
-/// program hands to the mesh.
-fn own_wireguard(config: &Config, routing: &RoutingMap) -> Vec<std::net::SocketAddr> {
+/// program checks and hands to the mesh. Only in native mode: generic XDP runs after GRO
+/// and sees a local sender's GSO packets whole, so a frame to the WireGuard port may
+/// hold several messages and the per-message size check would drop good traffic; there
+/// the mesh's own socket (which understands GRO) receives WireGuard as host traffic.
+fn own_wireguard(config: &Config, routing: &RoutingMap, native: bool) -> Vec<std::net::SocketAddr> {
+    if !native {
+        return Vec::new();
+    }
     routing
         .nodes
         .get(&config.node_id)

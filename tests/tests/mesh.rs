@@ -86,6 +86,49 @@ fn three_nodes_every_pair_pings_over_the_mesh() {
     }
 }
 
+/// With the program attached natively, WireGuard reaches each node through its AF_XDP
+/// socket (not the mesh's UDP socket), and the mesh works exactly the same.
+#[test]
+fn with_native_xdp_wireguard_arrives_through_af_xdp() {
+    require_root();
+    let lan = Lan::new(3);
+    let daemons = start_mesh(&lan, |spec| spec.mode = "native".into());
+    for from in &lan.nodes {
+        for to in &lan.nodes {
+            if from.n != to.n {
+                let dst = to.mesh6().to_string();
+                assert!(
+                    from.ping_within(&dst, UP),
+                    "node-{} cannot ping {dst}\n{}",
+                    from.n,
+                    logs(&daemons)
+                );
+            }
+        }
+    }
+    for d in &daemons {
+        let status = d.status();
+        assert_eq!(status["xdp"]["mode"], "native");
+        let backend = status["xdp"]["backend"].as_str().unwrap_or_default();
+        assert!(backend.starts_with("af_xdp"), "{backend}");
+        let wg = status["xdp"]["counters"]["userspace_wireguard"]
+            .as_u64()
+            .unwrap();
+        let xsk = status["xdp"]["ingress"]["xsk_datagrams"].as_u64().unwrap();
+        let udp = status["mesh"]["counters"]["udp_rx_datagrams"]
+            .as_u64()
+            .unwrap();
+        assert!(
+            wg >= 4,
+            "{}: {wg} WireGuard frames through XDP",
+            d.spec().id
+        );
+        assert_eq!(xsk, wg, "every one delivered through AF_XDP");
+        // Plus whatever reached the mesh socket before the program was attached.
+        assert!(udp >= wg, "the mesh processed those: {status}");
+    }
+}
+
 #[test]
 fn a_killed_peer_never_blocks_the_others_and_comes_back_by_itself() {
     require_root();

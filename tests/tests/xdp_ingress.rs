@@ -153,6 +153,7 @@ fn start(
             &IngressConfig {
                 interface: "eth0".into(),
                 backend,
+                generic_xdp: mode == XdpMode::Generic,
                 socket_buffer: 4 << 20,
             },
             &mut classifier,

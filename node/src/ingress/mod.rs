@@ -174,6 +174,11 @@ fn ip_of(addr: &[u8; 16]) -> IpAddr {
 pub struct IngressConfig {
     pub interface: String,
     pub backend: BackendChoice,
+    /// Whether the program runs in generic (skb) mode. There it runs after the kernel's
+    /// GRO and sees a local sender's GSO packets whole (veth passes them unsegmented),
+    /// so one frame may hold several datagrams: AF_XDP, which hands up one frame per
+    /// datagram, is not chosen automatically.
+    pub generic_xdp: bool,
     /// SO_RCVBUF of each service socket.
     pub socket_buffer: usize,
 }
@@ -209,6 +214,13 @@ impl Ingress {
                 None,
                 Backend::Socket {
                     reason: "configured".to_owned(),
+                },
+            ),
+            BackendChoice::Auto if config.generic_xdp => (
+                None,
+                Backend::Socket {
+                    reason: "generic XDP sees GRO/GSO super-packets; AF_XDP needs native mode"
+                        .to_owned(),
                 },
             ),
             choice => match afxdp::XskIngress::start(
