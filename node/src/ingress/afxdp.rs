@@ -47,7 +47,7 @@ impl XskIngress {
         let config = XskConfig::default();
         let mut sockets = Vec::with_capacity(queues as usize);
         for queue in 0..queues {
-            let socket = XskSocket::open(ifindex, queue, &config)
+            let socket = open_retrying(ifindex, queue, &config)
                 .with_context(|| format!("AF_XDP socket on `{interface}` queue {queue}"))?;
             sockets.push(socket);
         }
@@ -116,6 +116,24 @@ impl XskIngress {
         self.stop.store(true, Relaxed);
         for thread in self.threads {
             let _ = thread.join();
+        }
+    }
+}
+
+/// Opens a socket, retrying while the queue is busy: the kernel frees a closed AF_XDP
+/// socket's queue in deferred work some tens of milliseconds after `close`, so a daemon
+/// restarted at once (or a test reopening the queue) would otherwise find it taken.
+fn open_retrying(ifindex: u32, queue: u32, config: &XskConfig) -> std::io::Result<XskSocket> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        match XskSocket::open(ifindex, queue, config) {
+            Err(e)
+                if flynode_xsk::errno(&e) == Some(libc::EBUSY)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            result => return result,
         }
     }
 }
