@@ -19,6 +19,7 @@ listen_port = 51821
 [xdp]
 interface = "enp1s0f0"
 mode = "native"
+backend = "socket"
 
 [source.etcd]
 endpoints = ["http://127.0.0.1:2379", "https://[fd00::2]:2379"]
@@ -65,6 +66,7 @@ fn full_config_parses_every_field() {
     assert_eq!(config.wireguard.listen_port, 51821);
     assert_eq!(config.xdp.interface, "enp1s0f0");
     assert_eq!(config.xdp.mode, XdpMode::Native);
+    assert_eq!(config.xdp.backend, crate::ingress::BackendChoice::Socket);
     assert_eq!(
         config.source,
         SourceConfig::Etcd {
@@ -96,6 +98,7 @@ fn minimal_config_gets_documented_defaults() {
     );
     assert_eq!(config.wireguard.listen_port, 51820);
     assert_eq!(config.xdp.mode, XdpMode::Auto);
+    assert_eq!(config.xdp.backend, crate::ingress::BackendChoice::Auto);
     assert_eq!(
         config.source,
         SourceConfig::File {
@@ -154,7 +157,7 @@ fn unknown_top_level_field_is_located_and_lists_valid_fields() {
 fn unknown_nested_field_names_its_table() {
     assert_eq!(
         err(&format!("{MINIMAL}speed = 10\n")),
-        "/etc/flynode/flynode.toml:6:1: xdp: unknown field `speed`, expected `interface` or `mode`"
+        "/etc/flynode/flynode.toml:6:1: xdp: unknown field `speed`, expected one of `interface`, `mode`, `backend`"
     );
     assert_eq!(
         err(&format!(
