@@ -1,1 +1,261 @@
-fn main() {}
+//! flynode's XDP benchmark (issue 4, "Benchmark"): see `--help` and README.md
+//! "## Benchmarks / ### XDP".
+//!
+//! - `classify`: ns/packet of flynode's XDP classifier against a trivial XDP_DROP program,
+//!   with `BPF_PROG_RUN` on representative frames. Target: trivial/classifier ≥ 0.6.
+//! - `deliver`: datagrams per second delivered to a userspace consumer through AF_XDP
+//!   (flynode's classifier + an AF_XDP socket) against an ordinary UDP socket (recvmmsg,
+//!   GRO), fed by a live-frames generator over a veth between two network namespaces.
+//!   Target: AF_XDP ≥ 3x the socket.
+//!
+//! Everything runs in network namespaces this process creates (addresses from
+//! 198.18.0.0/15) and is removed when it ends, on error and on Ctrl-C too.
+mod afxdp;
+mod bpfsys;
+mod classify;
+mod deliver;
+mod frames;
+mod pacer;
+mod sys;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(about = "flynode XDP benchmarks (run as root)")]
+struct Cli {
+    #[command(subcommand)]
+    what: Option<What>,
+    /// Exit with status 1 when a target is missed.
+    #[arg(long, global = true, env = "BENCH_STRICT", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
+    strict: bool,
+    #[command(flatten)]
+    classify: ClassifyArgs,
+    #[command(flatten)]
+    deliver: DeliverArgs,
+}
+
+#[derive(Subcommand, Debug, Clone, Copy, PartialEq, Eq)]
+enum What {
+    /// Classifier cost (BPF_PROG_RUN).
+    Classify,
+    /// Delivered datagrams per second (live-frames generator over a veth).
+    Deliver,
+    /// Both (the default).
+    All,
+}
+
+#[derive(clap::Args, Debug)]
+struct ClassifyArgs {
+    /// Runs per BPF_PROG_RUN call.
+    #[arg(
+        long,
+        global = true,
+        env = "BENCH_REPEAT",
+        default_value_t = 10_000_000
+    )]
+    repeat: u32,
+    /// Timed calls per program and frame (the median is reported).
+    #[arg(long, global = true, env = "BENCH_ROUNDS", default_value_t = 5)]
+    rounds: usize,
+    /// Time the classifier without an AF_XDP socket in its XSKMAP (hits then fall back
+    /// to XDP_PASS instead of XDP_REDIRECT).
+    #[arg(long, global = true)]
+    no_socket: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct DeliverArgs {
+    /// Runs per receiver (the median is reported).
+    #[arg(long, global = true, env = "BENCH_RUNS", default_value_t = 3)]
+    runs: usize,
+    /// Measured seconds per offered rate.
+    #[arg(long, global = true, env = "BENCH_SECONDS", default_value_t = 1.0)]
+    seconds: f64,
+    /// Seconds of generation at each offered rate before its window opens.
+    #[arg(long, global = true, env = "BENCH_WARMUP", default_value_t = 0.3)]
+    warmup: f64,
+    /// UDP payload bytes.
+    #[arg(long, global = true, env = "BENCH_PAYLOAD", default_value_t = 64)]
+    payload: usize,
+    /// Frames per live-frames kernel batch (1..=256).
+    #[arg(long, global = true, default_value_t = 64)]
+    gen_batch: u32,
+    /// Offered rates to step through in each run, in Mpps; `max` is the generator's
+    /// full rate (comma-separated).
+    #[arg(
+        long,
+        global = true,
+        env = "BENCH_RATES",
+        value_delimiter = ',',
+        default_value = "0.25,0.5,0.75,1,1.25,1.5,2,2.5,3,4,max"
+    )]
+    rates: Vec<String>,
+    /// Scheduling policy of the consumer threads: batch (SCHED_BATCH: a consumer that
+    /// wakes up does not preempt the napi kthread it shares CPU1 with) or other.
+    #[arg(
+        long,
+        global = true,
+        env = "BENCH_CONSUMER_SCHED",
+        default_value = "batch"
+    )]
+    consumer_sched: String,
+    /// Workloads: numbers of client ports (flows) the generator cycles through, powers
+    /// of two; 1 is a single flow, which GRO coalesces best (comma-separated).
+    #[arg(
+        long,
+        global = true,
+        env = "BENCH_FLOWS",
+        value_delimiter = ',',
+        default_value = "1,256"
+    )]
+    flows: Vec<u32>,
+    /// Messages per recvmmsg (socket receiver).
+    #[arg(long, global = true, default_value_t = 256)]
+    recv_batch: usize,
+    /// SO_RCVBUF of the socket receiver, bytes (set with SO_RCVBUFFORCE).
+    #[arg(long, global = true, default_value_t = 64 << 20)]
+    rcvbuf: usize,
+    /// Frames per AF_XDP receive batch.
+    #[arg(long, global = true, default_value_t = 256)]
+    xsk_batch: usize,
+    /// Entries of the AF_XDP RX and fill rings (power of two).
+    #[arg(long, global = true, default_value_t = 8192)]
+    xsk_ring: u32,
+    /// Frames in the AF_XDP UMEM (2 KiB each: 32 MiB by default, the socket gets a
+    /// 64 MiB receive buffer).
+    #[arg(long, global = true, default_value_t = 16384)]
+    xsk_frames: u32,
+    /// Receivers to measure: socket, af_xdp (comma-separated).
+    #[arg(
+        long,
+        global = true,
+        env = "BENCH_ONLY",
+        value_delimiter = ',',
+        default_value = "socket,af_xdp"
+    )]
+    only: Vec<String>,
+    /// Seconds to wait, before each run, for no CPU to be more than 10% busy.
+    #[arg(long, global = true, env = "BENCH_QUIET_WAIT", default_value_t = 30.0)]
+    quiet_wait: f64,
+    /// Times a run is repeated when other tasks took more than 10% of one of our CPUs
+    /// during one of its windows.
+    #[arg(long, global = true, env = "BENCH_RETRIES", default_value_t = 1)]
+    retries: usize,
+    /// Print where each part ran for every run, not only the first.
+    #[arg(long, short, global = true)]
+    verbose: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) if cli.strict => ExitCode::FAILURE,
+        Ok(false) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: &Cli) -> Result<bool> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!("needs root (BPF programs, network namespaces, AF_XDP)");
+    }
+    sys::install_signal_handlers()?;
+    let what = cli.what.unwrap_or(What::All);
+    let mut ok = true;
+    if matches!(what, What::Classify | What::All) {
+        sys::wait_until_quiet(cli.deliver.quiet_wait, 10.0)?;
+        let opts = classify::Options {
+            repeat: cli.classify.repeat,
+            rounds: cli.classify.rounds.max(1),
+            cpu: 1,
+            with_socket: !cli.classify.no_socket,
+        };
+        ok &= classify::run(&opts)?;
+        println!();
+    }
+    if matches!(what, What::Deliver | What::All) {
+        let d = &cli.deliver;
+        let mut modes = Vec::new();
+        for m in &d.only {
+            modes.push(match m.trim() {
+                "socket" => deliver::Mode::Socket,
+                "af_xdp" | "afxdp" | "xsk" => deliver::Mode::AfXdp,
+                other => anyhow::bail!("unknown receiver `{other}` (socket, af_xdp)"),
+            });
+        }
+        let mut rates = Vec::new();
+        for r in &d.rates {
+            rates.push(match r.trim() {
+                "max" => None,
+                v => Some(
+                    v.parse::<f64>()
+                        .ok()
+                        .filter(|v| *v > 0.0)
+                        .ok_or_else(|| anyhow::anyhow!("bad rate `{v}` (Mpps or `max`)"))?
+                        * 1e6,
+                ),
+            });
+        }
+        if rates.is_empty() {
+            anyhow::bail!("no offered rates");
+        }
+        let opts = deliver::Options {
+            runs: d.runs.max(1),
+            seconds: d.seconds,
+            warmup: d.warmup,
+            payload: d.payload,
+            gen_cpu: 0,
+            rx_cpu: 1,
+            gen_batch: d.gen_batch.clamp(1, 256),
+            rates,
+            consumer_batch: match d.consumer_sched.as_str() {
+                "batch" => true,
+                "other" => false,
+                other => anyhow::bail!("unknown consumer policy `{other}` (batch, other)"),
+            },
+            flows: 1,
+            recv_batch: d.recv_batch,
+            rcvbuf: d.rcvbuf,
+            xsk_batch: d.xsk_batch,
+            xsk_ring: d.xsk_ring,
+            xsk_frames: d.xsk_frames,
+            modes,
+            verbose: d.verbose,
+            quiet_wait: d.quiet_wait,
+            retries: d.retries,
+        };
+        let socket = deliver::SocketReceiver;
+        let af_xdp = afxdp::AfXdpReceiver;
+        let receivers: Vec<(deliver::Mode, &dyn deliver::Receiver)> = opts
+            .modes
+            .iter()
+            .map(|m| match m {
+                deliver::Mode::Socket => (*m, &socket as &dyn deliver::Receiver),
+                deliver::Mode::AfXdp => (*m, &af_xdp as &dyn deliver::Receiver),
+            })
+            .collect();
+        let mut summaries = Vec::new();
+        for &flows in &d.flows {
+            if !flows.is_power_of_two() || flows > 4096 {
+                anyhow::bail!("--flows: {flows} is not a power of two up to 4096");
+            }
+            let opts = deliver::Options {
+                flows,
+                ..opts.clone()
+            };
+            summaries.push(deliver::run(&opts, &receivers)?);
+        }
+        ok &= deliver::print_summary(&summaries);
+    }
+    Ok(ok)
+}
+
+pub use afxdp::xsk_for_test_run;
