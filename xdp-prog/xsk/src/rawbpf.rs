@@ -337,36 +337,60 @@ pub fn load_xdp(name: &str, insns: &[Insn]) -> io::Result<OwnedFd> {
     Err(with_detail(step(), first, Some(detail)))
 }
 
-/// Creates an XSKMAP (`u32` queue index -> AF_XDP socket fd) with `max_entries` slots.
-pub fn create_xskmap(max_entries: u32) -> io::Result<OwnedFd> {
+/// Creates a map of type `map_type` (`BPF_MAP_TYPE_*`) named `name`.
+pub fn create_map(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    name: &str,
+) -> io::Result<OwnedFd> {
     let mut attr = MapCreateAttr {
-        map_type: BPF_MAP_TYPE_XSKMAP,
-        key_size: 4,
-        value_size: 4,
+        map_type,
+        key_size,
+        value_size,
         max_entries,
-        map_name: object_name("flynode_xsks"),
+        map_name: object_name(name),
         ..Default::default()
     };
     // SAFETY: the attr carries no pointers.
-    let fd = unsafe { sys_bpf(BPF_MAP_CREATE, &mut attr) }
-        .map_err(|e| step_error(format!("BPF_MAP_CREATE (XSKMAP, {max_entries} entries)"), e))?;
+    let fd = unsafe { sys_bpf(BPF_MAP_CREATE, &mut attr) }.map_err(|e| {
+        step_error(
+            format!(
+                "BPF_MAP_CREATE ({name}: type {map_type}, key {key_size} B, value {value_size} B, {max_entries} entries)"
+            ),
+            e,
+        )
+    })?;
     Ok(owned_fd(fd))
+}
+
+/// Creates an XSKMAP (`u32` queue index -> AF_XDP socket fd) with `max_entries` slots.
+pub fn create_xskmap(max_entries: u32) -> io::Result<OwnedFd> {
+    create_map(BPF_MAP_TYPE_XSKMAP, 4, 4, max_entries, "flynode_xsks")
+}
+
+/// Sets `map[key] = value`; the slices must have the sizes the map was created with
+/// (the kernel reads exactly that many bytes from each).
+pub fn map_update(map: BorrowedFd, key: &[u8], value: &[u8]) -> io::Result<()> {
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: key.as_ptr() as u64,
+        value: value.as_ptr() as u64,
+        flags: 0, // BPF_ANY
+        ..Default::default()
+    };
+    // SAFETY: `key` and `value` are live buffers for the duration of the call, of the
+    // sizes the caller created the map with.
+    unsafe { sys_bpf(BPF_MAP_UPDATE_ELEM, &mut attr) }
+        .map_err(|e| step_error(format!("BPF_MAP_UPDATE_ELEM (key {key:02x?})"), e))?;
+    Ok(())
 }
 
 /// Sets `map[key] = value` for a map with `u32` keys and values (for an XSKMAP, the value
 /// is the AF_XDP socket's fd).
 pub fn map_update_u32(map: BorrowedFd, key: u32, value: u32) -> io::Result<()> {
-    let mut attr = MapElemAttr {
-        map_fd: map.as_raw_fd() as u32,
-        key: &key as *const u32 as u64,
-        value: &value as *const u32 as u64,
-        flags: 0, // BPF_ANY
-        ..Default::default()
-    };
-    // SAFETY: `key` and `value` are live u32s, the sizes the map was created with.
-    unsafe { sys_bpf(BPF_MAP_UPDATE_ELEM, &mut attr) }
-        .map_err(|e| step_error(format!("BPF_MAP_UPDATE_ELEM (key {key})"), e))?;
-    Ok(())
+    map_update(map, &key.to_ne_bytes(), &value.to_ne_bytes())
 }
 
 /// Deletes `map[key]` for a map with `u32` keys.
