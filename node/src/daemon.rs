@@ -145,6 +145,7 @@ async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
     let mut watch = tokio::time::interval(WATCH_INTERVAL);
     watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut stamp = routing_stamp(&state);
+    let mut settling = false;
     {
         let serve = control.serve(answer);
         tokio::pin!(serve);
@@ -156,9 +157,16 @@ async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
                 _ = sighup.recv() => reload(&state),
                 _ = tick.tick() => housekeeping(&state),
                 _ = watch.tick() => {
+                    // A change is applied once the file has stayed the same for one
+                    // whole interval: a file being rewritten in place can be caught
+                    // half-written, and a truncated map may still parse (with nodes
+                    // or services missing).
                     let now = routing_stamp(&state);
                     if now != stamp {
                         stamp = now;
+                        settling = true;
+                    } else if settling {
+                        settling = false;
                         tracing::info!("routing file changed");
                         reload(&state);
                     }
@@ -181,8 +189,9 @@ async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How often the routing file is checked for changes: one stat(2) per interval, so a
-/// change applies within this much plus the time to parse and apply it.
+/// How often the routing file is checked for changes: one stat(2) per interval. A
+/// change applies once the file has been stable for an interval, so within two
+/// intervals plus the time to parse and apply it.
 const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(25);
 
 /// What identifies one version of the routing file: modification time, size and inode
