@@ -123,6 +123,10 @@ async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
     let control = ControlServer::bind(&config.control_socket)?;
     tracing::info!(path = %config.control_socket.display(), "control socket listening");
 
+    let routing_file = match &config.source {
+        SourceConfig::File { path } => Some(path.clone()),
+        SourceConfig::Etcd { .. } => None,
+    };
     let state = Arc::new(Mutex::new(State {
         config,
         key_dir,
@@ -144,7 +148,7 @@ async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     let mut watch = tokio::time::interval(WATCH_INTERVAL);
     watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut stamp = routing_stamp(&state);
+    let mut stamp = routing_file.as_deref().and_then(file_stamp);
     let mut settling = false;
     {
         let serve = control.serve(answer);
@@ -161,7 +165,7 @@ async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
                     // whole interval: a file being rewritten in place can be caught
                     // half-written, and a truncated map may still parse (with nodes
                     // or services missing).
-                    let now = routing_stamp(&state);
+                    let now = routing_file.as_deref().and_then(file_stamp);
                     if now != stamp {
                         stamp = now;
                         settling = true;
@@ -196,15 +200,13 @@ const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(25)
 
 /// What identifies one version of the routing file: modification time, size and inode
 /// (editors and `mv` replace the file, which changes the inode even within one mtime
-/// tick). `None` when it cannot be read (then a reappearing file counts as a change).
-type FileStamp = Option<(std::time::SystemTime, u64, u64)>;
+/// tick).
+type FileStamp = (std::time::SystemTime, u64, u64);
 
-fn routing_stamp(state: &Mutex<State>) -> FileStamp {
+/// The file's stamp; `None` when it cannot be read (so a reappearing file counts as a
+/// change).
+fn file_stamp(path: &std::path::Path) -> Option<FileStamp> {
     use std::os::unix::fs::MetadataExt as _;
-    let state = state.lock().unwrap_or_else(PoisonError::into_inner);
-    let SourceConfig::File { path } = &state.config.source else {
-        return None;
-    };
     let meta = std::fs::metadata(path).ok()?;
     Some((meta.modified().ok()?, meta.len(), meta.ino()))
 }

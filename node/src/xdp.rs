@@ -368,12 +368,11 @@ impl Drop for XdpClassifier {
 /// held by a live bpf_link means another daemon runs on this interface; any other
 /// program belongs to someone else and is left alone, with an error.
 fn clear_stale_program(interface: &str) -> Result<(), XdpError> {
-    let attachment = flynode_tunnel::io::link::xdp_attachment(interface).map_err(|source| {
-        XdpError::Inspect {
-            interface: interface.to_owned(),
-            source,
-        }
-    })?;
+    let inspect = |source| XdpError::Inspect {
+        interface: interface.to_owned(),
+        source,
+    };
+    let attachment = flynode_tunnel::io::link::xdp_attachment(interface).map_err(inspect)?;
     let Some(attachment) = attachment else {
         return Ok(());
     };
@@ -399,16 +398,8 @@ fn clear_stale_program(interface: &str) -> Result<(), XdpError> {
             id,
         });
     }
-    let ifindex = ifindex(interface).map_err(|source| XdpError::Inspect {
-        interface: interface.to_owned(),
-        source,
-    })?;
-    flynode_tunnel::io::link::detach_xdp(ifindex, interface, attachment.mode).map_err(
-        |source| XdpError::Inspect {
-            interface: interface.to_owned(),
-            source,
-        },
-    )?;
+    let ifindex = ifindex(interface).map_err(inspect)?;
+    flynode_tunnel::io::link::detach_xdp(ifindex, interface, attachment.mode).map_err(inspect)?;
     tracing::warn!(
         interface,
         program_id = id,

@@ -106,7 +106,7 @@ pub fn udp(src: &[u8], dst: &[u8], sport: u16, dport: u16, payload: &[u8]) -> Ve
     u
 }
 
-/// A complete IPv4/UDP frame.
+/// A complete IPv4/UDP frame from source port 40000.
 pub fn udp4(
     vlan: Option<u16>,
     src: Ipv4Addr,
@@ -114,11 +114,25 @@ pub fn udp4(
     dport: u16,
     payload: &[u8],
 ) -> Vec<u8> {
-    let u = udp(&src.octets(), &dst.octets(), 40000, dport, payload);
-    ethernet(ETH_P_IPV4, vlan, &ipv4(src, dst, IPPROTO_UDP, &[], 0, &u))
+    udp4_from(vlan, (src, 40000), (dst, dport), payload)
 }
 
-/// A complete IPv6/UDP frame.
+/// A complete IPv4/UDP frame between the given addresses and ports.
+pub fn udp4_from(
+    vlan: Option<u16>,
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    payload: &[u8],
+) -> Vec<u8> {
+    let u = udp(&src.0.octets(), &dst.0.octets(), src.1, dst.1, payload);
+    ethernet(
+        ETH_P_IPV4,
+        vlan,
+        &ipv4(src.0, dst.0, IPPROTO_UDP, &[], 0, &u),
+    )
+}
+
+/// A complete IPv6/UDP frame from source port 40000.
 pub fn udp6(
     vlan: Option<u16>,
     src: Ipv6Addr,
@@ -126,8 +140,18 @@ pub fn udp6(
     dport: u16,
     payload: &[u8],
 ) -> Vec<u8> {
-    let u = udp(&src.octets(), &dst.octets(), 40000, dport, payload);
-    ethernet(ETH_P_IPV6, vlan, &ipv6(src, dst, IPPROTO_UDP, &u))
+    udp6_from(vlan, (src, 40000), (dst, dport), payload)
+}
+
+/// A complete IPv6/UDP frame between the given addresses and ports.
+pub fn udp6_from(
+    vlan: Option<u16>,
+    src: (Ipv6Addr, u16),
+    dst: (Ipv6Addr, u16),
+    payload: &[u8],
+) -> Vec<u8> {
+    let u = udp(&src.0.octets(), &dst.0.octets(), src.1, dst.1, payload);
+    ethernet(ETH_P_IPV6, vlan, &ipv6(src.0, dst.0, IPPROTO_UDP, &u))
 }
 
 /// Offset of the IPv4 header in an untagged frame.

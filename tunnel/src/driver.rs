@@ -424,10 +424,10 @@ impl MeshReceiver {
             .decapsulate(src, datagram, &mut self.out, &mut |dst, msg| {
                 replies.push(dst, msg)
             });
+        if self.replies.is_full() {
+            shared.send(&mut self.replies);
+        }
         let Decap::Inner { peer, len } = decap else {
-            if self.replies.is_full() {
-                shared.send(&mut self.replies);
-            }
             return;
         };
         let packet = &self.out[..len];

@@ -3,7 +3,7 @@
 //! one thread with poll() + recvmmsg (GRO on: a burst from one client arrives as one
 //! message). The same sockets catch, with the AF_XDP backend, what the XDP program
 //! leaves to the kernel: reassembled fragments and queues without an AF_XDP socket.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -75,12 +75,12 @@ impl SocketIngress {
         let endpoints = shared.endpoints.load();
         let mut sockets = shared.sockets.lock();
         let mut failures = shared.failures.lock();
-        let desired: BTreeMap<SocketAddr, ()> = endpoints.services().map(|a| (a, ())).collect();
+        let desired: BTreeSet<SocketAddr> = endpoints.services().collect();
         let before = sockets.len();
-        sockets.retain(|addr, _| desired.contains_key(addr));
-        failures.retain(|addr, _| desired.contains_key(addr));
+        sockets.retain(|addr, _| desired.contains(addr));
+        failures.retain(|addr, _| desired.contains(addr));
         let mut changed = sockets.len() != before;
-        for addr in desired.keys() {
+        for addr in &desired {
             if sockets.contains_key(addr) {
                 continue;
             }
