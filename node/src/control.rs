@@ -45,6 +45,8 @@ pub struct Status {
     pub routing: RoutingStatus,
     pub xdp: XdpStatus,
     pub mesh: MeshStatus,
+    #[serde(default)]
+    pub forwarding: crate::forward::engine::ForwardStatus,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

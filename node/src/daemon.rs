@@ -16,6 +16,9 @@ use crate::config::{Config, SourceConfig};
 use crate::control::{
     ControlServer, MeshStatus, Request, Response, RoutingStatus, ServiceTraffic, Status, XdpStatus,
 };
+use crate::forward::engine::{ForwardConfig, Forwarding, ServiceSockets};
+use crate::forward::flows::Tick;
+use crate::forward::host::HostRoutes;
 use crate::ingress::{Datagram, Handler, Ingress, IngressConfig};
 use crate::mesh::{self, Grace};
 use crate::routing::RoutingMap;
@@ -31,6 +34,8 @@ struct State {
     xdp: XdpClassifier,
     ingress: Option<Ingress>,
     services: Arc<ServiceTally>,
+    forwarding: Arc<Forwarding>,
+    host: HostRoutes,
     mesh: Arc<Mesh>,
     /// A key rotation in flight.
     grace: Option<Grace>,
@@ -62,8 +67,17 @@ async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
     let public_key = key.public_key();
     let routing = load_routing(&config)?;
     let mesh_config = mesh::mesh_config(&config)?;
-    let mesh = Mesh::start(mesh_config.clone(), key.as_static_secret().clone())
-        .context("starting the WireGuard mesh")?;
+    let sockets = ServiceSockets::default();
+    let forwarding = Arc::new(Forwarding::new(
+        forward_config(&config, mesh_config.tun.mtu),
+        Arc::clone(&sockets),
+    ));
+    let mesh = Mesh::start(
+        mesh_config.clone(),
+        key.as_static_secret().clone(),
+        Some(Arc::clone(&forwarding) as Arc<dyn flynode_tunnel::driver::Forwarder>),
+    )
+    .context("starting the WireGuard mesh")?;
     drop(key);
     let grace = mesh::restore_grace(&key_dir, &mesh, config.wireguard.key_grace)?;
     let mut own_keys = vec![public_key];
@@ -71,6 +85,10 @@ async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
     mesh::check_self_entry(&config, &routing, &own_keys);
     mesh::apply_peers(&mesh, &config, &routing)?;
     mesh.initiate_all();
+    let mut host = HostRoutes::setup(mesh.tun_name(), mesh.tun_ifindex())
+        .context("setting up reply routing for containers")?;
+    forwarding.apply(&routing, mesh.core());
+    host.apply(&forwarding.local_targets());
     tracing::info!(
         interface = %mesh.tun_name(),
         mtu = mesh.mtu(),
@@ -101,10 +119,13 @@ async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
     let handlers: crate::ingress::HandlerFactory = {
         let mesh = Arc::clone(&mesh);
         let services = Arc::clone(&services);
+        let forwarding = Arc::clone(&forwarding);
         Arc::new(move || {
             Box::new(NodeHandler {
                 mesh: mesh.receiver(),
                 services: Arc::clone(&services),
+                forwarding: Arc::clone(&forwarding),
+                now: None,
                 tally: Vec::new(),
             }) as Box<dyn Handler>
         })
@@ -119,6 +140,7 @@ async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
         &mut xdp,
         &entries,
         handlers,
+        sockets,
     )?;
     let control = ControlServer::bind(&config.control_socket)?;
     tracing::info!(path = %config.control_socket.display(), "control socket listening");
@@ -135,6 +157,8 @@ async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
         xdp,
         ingress: Some(ingress),
         services,
+        forwarding,
+        host,
         mesh,
         grace,
     }));
@@ -185,6 +209,7 @@ async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
         if let Some(ingress) = state.ingress.take() {
             ingress.stop(&mut state.xdp);
         }
+        state.host.remove();
     }
     // Dropping the classifier closes the bpf_link, which detaches the program; dropping
     // the mesh stops its threads and closes the TUN, which removes it and its routes.
@@ -218,6 +243,16 @@ fn reload(state: &Mutex<State>) {
             if let Err(e) = mesh::apply_peers(&state.mesh, &state.config, &routing) {
                 tracing::error!(error = %format!("{e:#}"), "applying the reloaded mesh peers failed");
             }
+            let report = state.forwarding.apply(&routing, state.mesh.core());
+            let state = &mut *state;
+            state.host.apply(&state.forwarding.local_targets());
+            if report.edge_flows_invalidated + report.worker_flows_invalidated > 0 {
+                tracing::info!(
+                    edge = report.edge_flows_invalidated,
+                    worker = report.worker_flows_invalidated,
+                    "flows of removed workers forgotten"
+                );
+            }
             let native = state.xdp.mode() == Some(crate::xdp::AttachedMode::Native);
             let entries =
                 endpoint_entries(&routing, &own_wireguard(&state.config, &routing, native));
@@ -242,6 +277,7 @@ fn reload(state: &Mutex<State>) {
 /// Once a second: end a key rotation's grace period when it is over.
 fn housekeeping(state: &Mutex<State>) {
     let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
+    state.forwarding.expire();
     if let Some(grace) = state.grace
         && mesh::maybe_end_grace(&state.key_dir, &state.mesh, grace)
     {
@@ -303,7 +339,7 @@ fn status(state: &State) -> anyhow::Result<Status> {
         ("udp_tx_datagrams", &c.udp_tx_datagrams),
         ("udp_tx_dropped", &c.udp_tx_dropped),
         ("forwarded", &c.forwarded),
-        ("forward_queue_full", &c.forward_queue_full),
+        ("unrouted", &c.unrouted),
         ("io_errors", &c.io_errors),
     ]
     .into_iter()
@@ -373,8 +409,28 @@ fn status(state: &State) -> anyhow::Result<Status> {
             counters,
             verdicts,
         },
+        forwarding: state.forwarding.status(state.mesh.core()),
         mesh,
     })
+}
+
+fn forward_config(config: &Config, mtu: u16) -> ForwardConfig {
+    ForwardConfig {
+        node: config.node_id.clone(),
+        mesh_address: config.mesh_address,
+        forward_port: config.wireguard.forward_port,
+        mtu,
+        edge_flows: config.flows.edge_max,
+        worker_flows: config.flows.worker_max,
+        idle_timeout: config.flows.idle_timeout,
+        peer_timeout: peer_timeout(config.wireguard.persistent_keepalive),
+    }
+}
+
+/// How long a worker may stay silent before the edge stops choosing it: three
+/// keepalive intervals (every live peer sends at least one per interval), at least 3 s.
+pub fn peer_timeout(keepalive: std::time::Duration) -> std::time::Duration {
+    (keepalive * 3).max(std::time::Duration::from_secs(3))
 }
 
 /// The node's own WireGuard endpoint, as the routing map publishes it: what the XDP
@@ -409,10 +465,14 @@ impl ServiceTally {
     }
 }
 
-/// The daemon's consumer of ingress datagrams: WireGuard to the mesh, services counted.
+/// The daemon's consumer of ingress datagrams: WireGuard to the mesh, service
+/// datagrams counted and forwarded (the edge's half of the forwarding layer).
 struct NodeHandler {
     mesh: MeshReceiver,
     services: Arc<ServiceTally>,
+    forwarding: Arc<Forwarding>,
+    /// The clock for this batch's flow lookups (read once per batch).
+    now: Option<Tick>,
     /// This batch's per-service counts.
     tally: Vec<(u32, ServiceTraffic)>,
 }
@@ -423,6 +483,15 @@ impl Handler for NodeHandler {
     }
 
     fn service(&mut self, service: ServiceValue, datagram: &Datagram<'_>) {
+        let now = *self.now.get_or_insert_with(Tick::now);
+        self.forwarding.edge(
+            service.service_id,
+            datagram.src,
+            datagram.dst,
+            datagram.payload,
+            &mut self.mesh.port(),
+            now,
+        );
         let bytes = datagram.payload.len() as u64;
         match self
             .tally
@@ -444,6 +513,7 @@ impl Handler for NodeHandler {
     }
 
     fn flush(&mut self) {
+        self.now = None;
         self.mesh.flush();
         if self.tally.is_empty() {
             return;

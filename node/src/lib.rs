@@ -3,6 +3,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod demo;
+pub mod forward;
 pub mod ingress;
 pub mod mesh;
 pub mod netns;

@@ -20,7 +20,6 @@ use crate::routing::RoutingMap;
 pub const WIREGUARD_OVERHEAD: u16 = 80;
 /// Socket buffers: the kernel default (208 KiB) drops bursts at a few hundred Mbit/s.
 pub const SOCKET_BUFFER: usize = 16 << 20;
-const FORWARD_QUEUE: usize = 65536;
 
 /// The TUN MTU: configured, or the underlay interface's MTU minus the overhead.
 pub fn tunnel_mtu(config: &Config) -> anyhow::Result<u16> {
@@ -55,7 +54,6 @@ pub fn mesh_config(config: &Config) -> anyhow::Result<MeshConfig> {
             offload: std::env::var_os("FLYNODE_TUN_OFFLOAD").is_none_or(|v| v != "0"),
         },
         forward_port: config.wireguard.forward_port,
-        forward_queue: FORWARD_QUEUE,
     })
 }
 

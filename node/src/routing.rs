@@ -102,10 +102,19 @@ pub struct Service {
 pub struct Worker {
     /// Always names a node in the same map.
     pub node: NodeId,
-    /// The container's address and port on that node.
-    pub target: SocketAddr,
+    /// The container's address and port on that node: one per address family the
+    /// service's anycast addresses use (checked), at most one per family.
+    pub targets: Vec<SocketAddr>,
     /// 1..=65535.
     pub weight: u32,
+}
+
+impl Worker {
+    /// The container address for datagrams of `family` (the client's and anycast
+    /// address's family).
+    pub fn target_for(&self, v6: bool) -> Option<SocketAddr> {
+        self.targets.iter().copied().find(|t| t.is_ipv6() == v6)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

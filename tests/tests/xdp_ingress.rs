@@ -125,6 +125,7 @@ fn start(
             &mut classifier,
             &entries(),
             handlers,
+            Default::default(),
         )
         .expect("ingress");
         Running {

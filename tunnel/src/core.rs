@@ -642,14 +642,22 @@ impl Core {
     /// Encrypts an inner IP packet for the peer that owns its destination address.
     /// `out` must hold `packet.len() + 32` and at least 148 bytes.
     pub fn encapsulate(&self, packet: &[u8], out: &mut [u8]) -> Encap {
-        let Some(dst) = Tunn::dst_address(packet) else {
-            return self.drop_tx(Drop::NoRoute);
-        };
+        self.encapsulate_routed(packet, out)
+            .unwrap_or_else(|| self.no_route())
+    }
+
+    /// Like [`Self::encapsulate`], but a packet whose destination no peer owns is
+    /// returned as `None`, not counted: the caller has another use for it.
+    pub fn encapsulate_routed(&self, packet: &[u8], out: &mut [u8]) -> Option<Encap> {
+        let dst = Tunn::dst_address(packet)?;
         let tables = self.tables.load();
-        let Some(peer) = tables.by_addr.get(&dst) else {
-            return self.drop_tx(Drop::NoRoute);
-        };
-        self.encapsulate_for(peer, packet, out)
+        let peer = tables.by_addr.get(&dst)?;
+        Some(self.encapsulate_for(peer, packet, out))
+    }
+
+    /// Counts a packet dropped for want of a peer owning its destination.
+    pub fn no_route(&self) -> Encap {
+        self.drop_tx(Drop::NoRoute)
     }
 
     /// Encrypts an inner IP packet for a named peer (the forwarding layer knows the node
@@ -1062,6 +1070,18 @@ impl Core {
                 initiate(peer, &slot, scratch, net);
             }
         }
+    }
+
+    /// Whether `peer` is alive: one of its key pairs has a session, and something
+    /// authenticated (data or a keepalive) arrived on it within `max_silence`. With
+    /// persistent keepalives an idle but healthy peer talks every keepalive interval.
+    pub fn peer_alive(&self, peer: &Peer, max_silence: Duration) -> bool {
+        let now = self.now_ms();
+        let max = max_silence.as_millis() as u64;
+        peer.slots
+            .load()
+            .iter()
+            .any(|s| now.saturating_sub(s.last_rx_ms.load(Relaxed)) <= max && s.has_session())
     }
 
     pub fn peers(&self) -> Vec<PeerStatus> {

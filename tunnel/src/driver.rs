@@ -9,10 +9,16 @@
 //!   read returns a whole TSO super-packet, split into MTU-sized packets), encrypts each
 //!   for the peer owning its destination, and sends them with one `sendmmsg` carrying
 //!   UDP GSO runs.
-//! - `mesh-rx`: UDP → decrypt → TUN (or the forwarding queue). Receives with
+//! - `mesh-rx`: UDP → decrypt → TUN (or the forwarding layer). Receives with
 //!   `recvmmsg` + UDP GRO, decrypts, and writes the inner packets to the TUN coalesced
 //!   (GRO) or, for the forwarding port on our mesh address, hands them to the
-//!   forwarding layer without touching the kernel.
+//!   [`Forwarder`] in the same thread, without touching the kernel.
+//!
+//! The forwarding layer plugs in through [`Forwarder`]: it sees inner packets for the
+//! forwarding port (after decryption, on the receiving thread) and TUN packets to
+//! addresses no peer owns (containers' replies, on `mesh-tx`), and answers through a
+//! [`Port`]: packets into the TUN, inner packets into the mesh, batched with the
+//! thread's own output.
 //! - `mesh-timers`: boringtun's timers every 100 ms (rekey, keepalive, retransmits).
 //!
 //! The threads share the [`Core`] without a global lock (see its docs): they contend
@@ -22,14 +28,13 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use x25519_dalek::StaticSecret;
 
-use crate::core::{Core, Decap, Drop, Encap, PeerConfig, PeersDiff};
+use crate::core::{Core, Decap, Drop, Encap, Peer, PeerConfig, PeersDiff};
 use crate::io::route;
 use crate::io::tun::{TunConfig, TunDevice, TunSendBatch};
 use crate::io::udp::{RecvBatch, SendBatch, UdpSocket};
@@ -45,19 +50,91 @@ pub struct MeshConfig {
     /// SO_RCVBUF/SO_SNDBUF of the UDP socket.
     pub socket_buffer: usize,
     pub tun: TunConfig,
-    /// Inner UDP port on our mesh address whose packets go to [`Mesh::forwarded`].
+    /// Inner UDP port on our mesh address whose packets go to the [`Forwarder`].
     pub forward_port: u16,
-    /// Capacity of the forwarding queue; beyond it packets are dropped and counted.
-    pub forward_queue: usize,
 }
 
-/// A decrypted inner packet for the forwarding layer.
-#[derive(Debug)]
-pub struct Inbound {
-    /// The node it came from (its routing-map id).
-    pub from: Arc<str>,
-    /// The whole inner IP packet.
-    pub packet: Vec<u8>,
+/// The forwarding layer's hooks into the mesh's data path. Both run on the mesh's own
+/// threads (and on AF_XDP consumer threads), once per packet: no blocking, no
+/// per-packet allocation.
+pub trait Forwarder: Send + Sync + 'static {
+    /// A decrypted inner packet for the forwarding port on our mesh address, from peer
+    /// `from` (its source address already checked against the peer's addresses).
+    fn inbound(&self, from: &Peer, packet: &[u8], port: &mut Port<'_>);
+    /// A packet read from the TUN whose destination no peer owns: a container's reply
+    /// routed into the TUN by policy rules. Without a forwarder these are dropped as
+    /// `no_route`.
+    fn unrouted(&self, packet: &[u8], port: &mut Port<'_>);
+}
+
+/// Where a [`Forwarder`] (or any caller holding a [`MeshReceiver`]) sends its output:
+/// the calling thread's own batches, written out when the thread ends its batch.
+pub struct Port<'a> {
+    shared: &'a Shared,
+    tun: &'a mut TunSendBatch,
+    udp: &'a mut SendBatch,
+    /// Scratch for encryption.
+    enc: &'a mut [u8],
+}
+
+impl Port<'_> {
+    /// Queues an IP packet for the TUN: the kernel receives it as if it had arrived on
+    /// the mesh interface. Returns false (and counts a TUN error) when the packet is
+    /// not a valid IP packet for the TUN.
+    pub fn to_tun(&mut self, packet: &[u8]) -> bool {
+        if self.tun.is_full() {
+            self.shared.write_tun(self.tun);
+        }
+        let ok = self.tun.push(packet);
+        if !ok {
+            self.shared.counters.tun_tx_errors.fetch_add(1, Relaxed);
+        }
+        ok
+    }
+
+    /// Builds a packet for the TUN in place: `build` gets a buffer of `max_len` bytes
+    /// and returns the packet's length (0 = nothing).
+    pub fn build_tun(&mut self, max_len: usize, build: impl FnOnce(&mut [u8]) -> usize) {
+        if self.tun.is_full() {
+            self.shared.write_tun(self.tun);
+        }
+        let len = build(self.tun.reserve(max_len));
+        if len > 0 && !self.tun.commit(len) {
+            self.shared.counters.tun_tx_errors.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Encrypts an inner IP packet for the peer that owns its destination address and
+    /// queues it for the network.
+    pub fn to_mesh(&mut self, packet: &[u8]) -> Result<(), Drop> {
+        let encap = self.shared.core.encapsulate(packet, self.enc);
+        self.queue(encap)
+    }
+
+    /// Encrypts an inner IP packet for `peer` and queues it for the network.
+    pub fn to_peer(&mut self, peer: &Peer, packet: &[u8]) -> Result<(), Drop> {
+        let encap = self.shared.core.encapsulate_for(peer, packet, self.enc);
+        self.queue(encap)
+    }
+
+    /// The mesh's core (peer lookups).
+    pub fn core(&self) -> &Core {
+        &self.shared.core
+    }
+
+    fn queue(&mut self, encap: Encap) -> Result<(), Drop> {
+        match encap {
+            Encap::Send { dst, len } => {
+                if self.udp.is_full() {
+                    self.shared.send(self.udp);
+                }
+                self.udp.push(dst, &self.enc[..len]);
+                Ok(())
+            }
+            Encap::Queued => Ok(()),
+            Encap::Dropped(d) => Err(d),
+        }
+    }
 }
 
 /// Counters of the driver (the core counts protocol drops itself).
@@ -69,8 +146,10 @@ pub struct DriverCounters {
     pub udp_rx_datagrams: AtomicU64,
     pub udp_tx_datagrams: AtomicU64,
     pub udp_tx_dropped: AtomicU64,
+    /// Inner packets handed to the forwarder.
     pub forwarded: AtomicU64,
-    pub forward_queue_full: AtomicU64,
+    /// TUN packets to no peer handed to the forwarder.
+    pub unrouted: AtomicU64,
     pub io_errors: AtomicU64,
 }
 
@@ -85,14 +164,13 @@ struct Shared {
     stop: AtomicBool,
     counters: DriverCounters,
     local: Local,
-    forward: SyncSender<Inbound>,
+    forwarder: Option<Arc<dyn Forwarder>>,
 }
 
 /// A running mesh: TUN, socket, threads.
 pub struct Mesh {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
-    forwarded: Mutex<Option<Receiver<Inbound>>>,
     /// Kernel routes we installed into the TUN (one per peer address).
     routes: Mutex<BTreeSet<IpAddr>>,
     /// For [`Mesh::send_to`] and control operations, which run on other threads.
@@ -101,8 +179,13 @@ pub struct Mesh {
 
 impl Mesh {
     /// Creates the TUN and the socket and starts the threads. Peers come with
-    /// [`Mesh::set_peers`].
-    pub fn start(config: MeshConfig, key: StaticSecret) -> io::Result<Mesh> {
+    /// [`Mesh::set_peers`]; packets for the forwarding port go to `forwarder` (without
+    /// one they are dropped and counted as `forwarded`).
+    pub fn start(
+        config: MeshConfig,
+        key: StaticSecret,
+        forwarder: Option<Arc<dyn Forwarder>>,
+    ) -> io::Result<Mesh> {
         let tun = TunDevice::create(&config.tun).map_err(|e| {
             io::Error::new(
                 e.kind(),
@@ -111,7 +194,6 @@ impl Mesh {
         })?;
         let udp = UdpSocket::bind(config.listen, config.socket_buffer)
             .map_err(|e| io::Error::new(e.kind(), format!("binding UDP {}: {e}", config.listen)))?;
-        let (fwd_tx, fwd_rx) = sync_channel(config.forward_queue.max(1));
         let shared = Arc::new(Shared {
             core: Arc::new(Core::new(key)),
             udp,
@@ -123,7 +205,7 @@ impl Mesh {
                 v4: config.tun.ipv4,
                 forward_port: config.forward_port,
             },
-            forward: fwd_tx,
+            forwarder,
         });
         let spawn = |name: &str, f: ThreadBody| {
             let shared = Arc::clone(&shared);
@@ -140,7 +222,6 @@ impl Mesh {
         Ok(Mesh {
             shared,
             threads,
-            forwarded: Mutex::new(Some(fwd_rx)),
             routes: Mutex::new(BTreeSet::new()),
             sender: Mutex::new((SendBatch::new(64), vec![0u8; BUF])),
         })
@@ -162,13 +243,12 @@ impl Mesh {
         self.shared.tun.mtu()
     }
 
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.shared.udp.local_addr()
+    pub fn tun_ifindex(&self) -> u32 {
+        self.shared.tun.ifindex()
     }
 
-    /// The queue of inner packets for the forwarding layer; taken once.
-    pub fn take_forwarded(&self) -> Option<Receiver<Inbound>> {
-        self.forwarded.lock().take()
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.shared.udp.local_addr()
     }
 
     /// Applies a new peer set (see [`Core::set_peers`]) and makes the kernel route
@@ -322,14 +402,35 @@ impl Shared {
         let mut tun_batch = self.tun.new_recv_batch(128);
         let mut out_batch = SendBatch::new(128);
         let mut out = vec![0u8; BUF];
+        // Output of the forwarder (replies it sends back into the TUN, e.g. ICMP).
+        let mut tun_out = self.tun.new_send_batch(64);
         while !self.stop.load(Relaxed) {
             if !self.received(self.tun.recv_batch(&mut tun_batch), "TUN read") {
                 continue;
             }
             let mut n = 0u64;
+            let mut unrouted = 0u64;
             for packet in tun_batch.iter() {
                 n += 1;
-                if let Encap::Send { dst, len } = self.core.encapsulate(packet, &mut out) {
+                let encap = match (
+                    &self.forwarder,
+                    self.core.encapsulate_routed(packet, &mut out),
+                ) {
+                    (_, Some(encap)) => encap,
+                    (Some(forwarder), None) => {
+                        unrouted += 1;
+                        let mut port = Port {
+                            shared: self,
+                            tun: &mut tun_out,
+                            udp: &mut out_batch,
+                            enc: &mut out,
+                        };
+                        forwarder.unrouted(packet, &mut port);
+                        continue;
+                    }
+                    (None, None) => self.core.no_route(),
+                };
+                if let Encap::Send { dst, len } = encap {
                     if out_batch.is_full() {
                         self.send(&mut out_batch);
                     }
@@ -337,7 +438,9 @@ impl Shared {
                 }
             }
             self.counters.tun_rx_packets.fetch_add(n, Relaxed);
+            self.counters.unrouted.fetch_add(unrouted, Relaxed);
             self.send(&mut out_batch);
+            self.write_tun(&mut tun_out);
         }
     }
 
@@ -399,6 +502,8 @@ pub struct MeshReceiver {
     tun_batch: TunSendBatch,
     replies: SendBatch,
     out: Vec<u8>,
+    /// Scratch for what the forwarder encrypts.
+    enc: Vec<u8>,
     datagrams: u64,
 }
 
@@ -409,7 +514,19 @@ impl MeshReceiver {
             shared,
             replies: SendBatch::new(64),
             out: vec![0u8; BUF],
+            enc: vec![0u8; BUF],
             datagrams: 0,
+        }
+    }
+
+    /// This receiver's output, for a caller that produces packets itself (the edge
+    /// forwarding service datagrams on an ingress thread). Flushed by [`Self::flush`].
+    pub fn port(&mut self) -> Port<'_> {
+        Port {
+            shared: &self.shared,
+            tun: &mut self.tun_batch,
+            udp: &mut self.replies,
+            enc: &mut self.enc,
         }
     }
 
@@ -432,16 +549,16 @@ impl MeshReceiver {
         };
         let packet = &self.out[..len];
         if shared.local.is_forwarded(packet) {
-            let inbound = Inbound {
-                from: Arc::clone(&peer.name),
-                packet: packet.to_vec(),
-            };
-            match shared.forward.try_send(inbound) {
-                Ok(()) => shared.counters.forwarded.fetch_add(1, Relaxed),
-                Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                    shared.counters.forward_queue_full.fetch_add(1, Relaxed)
-                }
-            };
+            shared.counters.forwarded.fetch_add(1, Relaxed);
+            if let Some(forwarder) = &shared.forwarder {
+                let mut port = Port {
+                    shared,
+                    tun: &mut self.tun_batch,
+                    udp: &mut self.replies,
+                    enc: &mut self.enc,
+                };
+                forwarder.inbound(&peer, packet, &mut port);
+            }
         } else {
             if self.tun_batch.is_full() {
                 shared.write_tun(&mut self.tun_batch);

@@ -200,6 +200,7 @@ impl Ingress {
         classifier: &mut XdpClassifier,
         entries: &BTreeMap<ServiceKey, ServiceValue>,
         handlers: HandlerFactory,
+        sockets: crate::forward::engine::ServiceSockets,
     ) -> anyhow::Result<Ingress> {
         let endpoints = Arc::new(ArcSwap::from_pointee(Endpoints::new(entries)));
         let counters = Arc::new(IngressCounters::default());
@@ -208,6 +209,7 @@ impl Ingress {
             config.socket_buffer,
             Arc::clone(&handlers),
             Arc::clone(&counters),
+            sockets,
         )?;
         let (xsk, backend) = match config.backend {
             BackendChoice::Socket => (

@@ -28,6 +28,9 @@ struct Shared {
     failures: Mutex<BTreeMap<SocketAddr, String>>,
     /// Bumped on every change of `sockets`, so the thread rebuilds its poll set.
     generation: AtomicU64,
+    /// The same sockets for senders (the edge's replies to clients), republished on
+    /// every change.
+    published: crate::forward::engine::ServiceSockets,
     counters: Arc<IngressCounters>,
     stop: AtomicBool,
 }
@@ -43,6 +46,7 @@ impl SocketIngress {
         buffer: usize,
         handlers: HandlerFactory,
         counters: Arc<IngressCounters>,
+        published: crate::forward::engine::ServiceSockets,
     ) -> anyhow::Result<SocketIngress> {
         let shared = Arc::new(Shared {
             endpoints,
@@ -50,6 +54,7 @@ impl SocketIngress {
             sockets: Mutex::new(BTreeMap::new()),
             failures: Mutex::new(BTreeMap::new()),
             generation: AtomicU64::new(0),
+            published,
             counters,
             stop: AtomicBool::new(false),
         });
@@ -101,6 +106,9 @@ impl SocketIngress {
         }
         if changed {
             shared.generation.fetch_add(1, Relaxed);
+            shared.published.store(Arc::new(
+                sockets.iter().map(|(a, s)| (*a, Arc::clone(s))).collect(),
+            ));
         }
     }
 

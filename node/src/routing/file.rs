@@ -54,8 +54,7 @@ struct ServiceEntry {
 #[serde(deny_unknown_fields)]
 struct WorkerEntry {
     node: Spanned<NodeId>,
-    #[serde(deserialize_with = "de::socket_addr")]
-    target: SocketAddr,
+    target: Spanned<Targets>,
     #[serde(default = "default_weight", deserialize_with = "weight")]
     weight: u32,
 }
@@ -67,6 +66,57 @@ fn default_weight() -> u32 {
 fn weight<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     let w = de::int_in(d, "a weight (1..=65535)", 1..=65535)?;
     u32::try_from(w).map_err(serde::de::Error::custom)
+}
+
+/// A worker's container address(es): one `"ip:port"`, or a list with at most one per
+/// address family (a dual-stack service needs an IPv4 and an IPv6 target).
+struct Targets(Vec<SocketAddr>);
+
+impl<'de> Deserialize<'de> for Targets {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{Error, SeqAccess, Visitor, value::StrDeserializer};
+        struct V;
+        fn one<E: Error>(s: &str) -> Result<SocketAddr, E> {
+            de::SockAddr::deserialize(StrDeserializer::<E>::new(s)).map(|a| a.0)
+        }
+        impl<'de> Visitor<'de> for V {
+            type Value = Vec<SocketAddr>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "a container address \"ip:port\" or a list of them (one IPv4, one IPv6)",
+                )
+            }
+            fn visit_str<E: Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(vec![one(v)?])
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some(s) = seq.next_element::<String>()? {
+                    out.push(one(&s)?);
+                }
+                Ok(out)
+            }
+        }
+        let list = d.deserialize_any(V)?;
+        if list.is_empty() {
+            return Err(D::Error::custom("must list at least one container address"));
+        }
+        for a in &list {
+            let ip = a.ip();
+            if ip.is_unspecified() || ip.is_multicast() {
+                return Err(D::Error::custom(format!(
+                    "{a} cannot be a container address"
+                )));
+            }
+        }
+        let v4 = list.iter().filter(|a| a.is_ipv4()).count();
+        if v4 > 1 || list.len() - v4 > 1 {
+            return Err(D::Error::custom(
+                "at most one IPv4 and one IPv6 container address per worker",
+            ));
+        }
+        Ok(Targets(list))
+    }
 }
 
 #[derive(PartialEq, Eq, Hash)]
@@ -257,9 +307,33 @@ fn validate_services(
                     message,
                 ));
             }
+            for family in [false, true] {
+                let served = anycast.iter().any(|a| a.is_ipv6() == family);
+                let has = worker
+                    .target
+                    .get_ref()
+                    .0
+                    .iter()
+                    .any(|t| t.is_ipv6() == family);
+                if served && !has {
+                    let (name, v) = if family {
+                        ("IPv6", "[fd00::2]:53")
+                    } else {
+                        ("IPv4", "10.0.0.2:53")
+                    };
+                    let message = format!(
+                        "the service has {name} anycast addresses, so each worker needs an {name} container address (e.g. target = [..., \"{v}\"])"
+                    );
+                    return Err(errors.at(
+                        &worker.target,
+                        format!("service[{i}].worker[{w}].target"),
+                        message,
+                    ));
+                }
+            }
             workers.push(Worker {
                 node: node.clone(),
-                target: worker.target,
+                targets: worker.target.into_inner().0,
                 weight: worker.weight,
             });
         }

@@ -30,10 +30,10 @@ anycast = ["198.18.100.1", "2001:db8:100::1"]
 ports = [53]
   [[service.worker]]
   node = "ams-1"
-  target = "198.18.200.2:53"
+  target = ["198.18.200.2:53", "[fd00:c::2]:53"]
   [[service.worker]]
   node = "fra-1"
-  target = "198.18.200.3:53"
+  target = ["198.18.200.3:53", "[fd00:c::3]:53"]
   weight = 3
 
 [[service]]
@@ -93,12 +93,18 @@ fn valid_map_parses_nodes_services_and_workers() {
         vec![
             Worker {
                 node: ams,
-                target: "198.18.200.2:53".parse().unwrap(),
+                targets: vec![
+                    "198.18.200.2:53".parse().unwrap(),
+                    "[fd00:c::2]:53".parse().unwrap()
+                ],
                 weight: 1
             },
             Worker {
                 node: "fra-1".parse().unwrap(),
-                target: "198.18.200.3:53".parse().unwrap(),
+                targets: vec![
+                    "198.18.200.3:53".parse().unwrap(),
+                    "[fd00:c::3]:53".parse().unwrap()
+                ],
                 weight: 3
             },
         ]

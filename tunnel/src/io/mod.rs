@@ -10,7 +10,10 @@
 //!   message), with a remembered fallback when the kernel or device refuses GSO.
 //! - [`tun`]: the node's mesh interface, through `tun-rs` with the Linux virtio-net
 //!   offloads (TSO/USO on read, GRO coalescing on write), switchable off.
-//! - [`route`]: per-peer kernel routes into the TUN over rtnetlink.
+//! - [`route`]: per-peer kernel routes into the TUN over rtnetlink, in the main table or
+//!   a numbered one.
+//! - [`rule`]: on a worker, the source-port policy rules that send container replies
+//!   into the TUN through such a table, and the sysctls around them.
 //!
 //! Threading model: [`udp::UdpSocket`] and [`tun::TunDevice`] are `Sync`; one thread may
 //! receive while another sends on the same object. Batches are owned by one thread each.
@@ -19,6 +22,7 @@
 
 pub mod link;
 pub mod route;
+pub mod rule;
 pub mod tun;
 pub mod udp;
 

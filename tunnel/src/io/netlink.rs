@@ -1,5 +1,6 @@
 //! A minimal synchronous rtnetlink (NETLINK_ROUTE) client: just the link, address and
-//! route operations the tunnel needs.
+//! route operations the tunnel needs, plus the message builder and request/reply loop
+//! that [`super::rule`] uses for policy rules.
 //!
 //! Why not `netlink-packet-route` + `netlink-sys`: they are sync-capable, but they bring
 //! a large generic message model (and frequent breaking releases) for the five fixed
@@ -30,8 +31,9 @@ const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 pub(crate) const NLM_F_REPLACE: u16 = 0x100;
+pub(crate) const NLM_F_EXCL: u16 = 0x200;
 pub(crate) const NLM_F_CREATE: u16 = 0x400;
-const NLM_F_DUMP: u16 = 0x300;
+pub(crate) const NLM_F_DUMP: u16 = 0x300;
 const NLM_F_ACK_TLVS: u16 = 0x200;
 const NLMSGERR_ATTR_MSG: u16 = 1;
 
@@ -41,6 +43,9 @@ const RTM_NEWADDR: u16 = 20;
 const RTM_NEWROUTE: u16 = 24;
 const RTM_DELROUTE: u16 = 25;
 const RTM_GETROUTE: u16 = 26;
+pub(crate) const RTM_NEWRULE: u16 = 32;
+pub(crate) const RTM_DELRULE: u16 = 33;
+pub(crate) const RTM_GETRULE: u16 = 34;
 
 const IFLA_IFNAME: u16 = 3;
 const IFLA_MTU: u16 = 4;
@@ -63,6 +68,7 @@ const RTA_DST: u16 = 1;
 const RTA_OIF: u16 = 4;
 const RTA_TABLE: u16 = 15;
 
+const RT_TABLE_UNSPEC: u8 = 0;
 pub(crate) const RT_TABLE_MAIN: u32 = 254;
 const RTPROT_STATIC: u8 = 4;
 const RT_SCOPE_UNIVERSE: u8 = 0;
@@ -107,12 +113,13 @@ pub(crate) enum RouteOp {
 
 /// One message under construction. Headers are encoded field by field in native byte
 /// order, as the kernel expects.
-struct Msg {
+pub(crate) struct Msg {
     buf: Vec<u8>,
 }
 
 impl Msg {
-    fn new(ty: u16, flags: u16) -> Msg {
+    /// A request of type `ty`; NLM_F_REQUEST is added to `flags`.
+    pub(crate) fn new(ty: u16, flags: u16) -> Msg {
         let mut buf = Vec::with_capacity(256);
         buf.extend_from_slice(&[0u8; NLMSG_HDRLEN]);
         buf[4..6].copy_from_slice(&ty.to_ne_bytes());
@@ -126,13 +133,15 @@ impl Msg {
         }
     }
 
-    /// Appends a fixed family header (ifinfomsg, ifaddrmsg, rtmsg) given as bytes.
-    fn header(&mut self, bytes: &[u8]) {
+    /// Appends a fixed family header (ifinfomsg, ifaddrmsg, rtmsg, fib_rule_hdr) given as
+    /// bytes.
+    pub(crate) fn header(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
         self.pad();
     }
 
-    fn attr(&mut self, ty: u16, data: &[u8]) {
+    /// Appends the attribute `ty` with payload `data`.
+    pub(crate) fn attr(&mut self, ty: u16, data: &[u8]) {
         let len = (4 + data.len()) as u16;
         self.buf.extend_from_slice(&len.to_ne_bytes());
         self.buf.extend_from_slice(&ty.to_ne_bytes());
@@ -140,8 +149,16 @@ impl Msg {
         self.pad();
     }
 
-    fn attr_u32(&mut self, ty: u16, v: u32) {
+    /// Appends the attribute `ty` with a native-order u32 payload.
+    pub(crate) fn attr_u32(&mut self, ty: u16, v: u32) {
         self.attr(ty, &v.to_ne_bytes());
+    }
+
+    /// The payload after the netlink header (family header and attributes), as the
+    /// kernel's reply to a dump would carry it.
+    #[cfg(test)]
+    pub(crate) fn body(&self) -> &[u8] {
+        &self.buf[NLMSG_HDRLEN..]
     }
 
     fn finish(&mut self, seq: u32) -> &[u8] {
@@ -177,21 +194,31 @@ fn rtmsg(family: u8, dst_len: u8, table: u8, protocol: u8, scope: u8, rtype: u8)
     ]
 }
 
-fn family_of(ip: IpAddr) -> u8 {
+/// The one-byte table field of `rtmsg` / `fib_rule_hdr`: tables above 255 only fit in
+/// the u32 attribute (RTA_TABLE / FRA_TABLE), and the byte is then RT_TABLE_UNSPEC, as
+/// iproute2 sends it.
+pub(crate) fn table_byte(table: u32) -> u8 {
+    u8::try_from(table).unwrap_or(RT_TABLE_UNSPEC)
+}
+
+/// AF_INET or AF_INET6, as the family byte of a header.
+pub(crate) fn family_of(ip: IpAddr) -> u8 {
     match ip {
         IpAddr::V4(_) => libc::AF_INET as u8,
         IpAddr::V6(_) => libc::AF_INET6 as u8,
     }
 }
 
-fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
+/// The address's octets in network order, as attribute payload.
+pub(crate) fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
     match ip {
         IpAddr::V4(a) => a.octets().to_vec(),
         IpAddr::V6(a) => a.octets().to_vec(),
     }
 }
 
-fn ip_from_bytes(b: &[u8]) -> Option<IpAddr> {
+/// An address from a 4- or 16-byte attribute payload.
+pub(crate) fn ip_from_bytes(b: &[u8]) -> Option<IpAddr> {
     match b.len() {
         4 => Some(IpAddr::from(<[u8; 4]>::try_from(b).ok()?)),
         16 => Some(IpAddr::from(<[u8; 16]>::try_from(b).ok()?)),
@@ -199,17 +226,19 @@ fn ip_from_bytes(b: &[u8]) -> Option<IpAddr> {
     }
 }
 
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+/// The native-order u16 at byte offset `at`, if there is one.
+pub(crate) fn u16_at(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
 }
 
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+/// The native-order u32 at byte offset `at`, if there is one.
+pub(crate) fn u32_at(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
 }
 
 /// Iterates `(type, payload)` of the netlink attributes in `data`, stopping at the first
 /// malformed one.
-fn attrs(mut data: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+pub(crate) fn attrs(mut data: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     std::iter::from_fn(move || {
         let len = usize::from(u16_at(data, 0)?);
         let ty = u16_at(data, 2)? & NLA_TYPE_MASK;
@@ -231,6 +260,9 @@ fn msg_name(ty: u16) -> &'static str {
         RTM_NEWROUTE => "RTM_NEWROUTE",
         RTM_DELROUTE => "RTM_DELROUTE",
         RTM_GETROUTE => "RTM_GETROUTE",
+        RTM_NEWRULE => "RTM_NEWRULE",
+        RTM_DELRULE => "RTM_DELRULE",
+        RTM_GETRULE => "RTM_GETRULE",
         _ => "netlink request",
     }
 }
@@ -301,7 +333,11 @@ impl Netlink {
 
     /// Sends `msg` (with NLM_F_ACK) and processes replies until the ack or the end of a
     /// dump; `on_msg(type, payload)` sees every data message of this request.
-    fn transact(&mut self, mut msg: Msg, mut on_msg: impl FnMut(u16, &[u8])) -> io::Result<()> {
+    pub(crate) fn transact(
+        &mut self,
+        mut msg: Msg,
+        mut on_msg: impl FnMut(u16, &[u8]),
+    ) -> io::Result<()> {
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
         let ty = u16_at(&msg.buf, 4).unwrap_or(0);
@@ -478,10 +514,11 @@ impl Netlink {
         self.transact(msg, |_, _| {})
     }
 
-    /// Adds/replaces or deletes the main-table route `dst/prefix_len dev index`.
+    /// Adds/replaces or deletes the route `dst/prefix_len dev index` in `table`.
     pub(crate) fn route(
         &mut self,
         op: RouteOp,
+        table: u32,
         index: u32,
         dst: IpAddr,
         prefix_len: u8,
@@ -508,7 +545,7 @@ impl Netlink {
         msg.header(&rtmsg(
             family_of(dst),
             prefix_len,
-            RT_TABLE_MAIN as u8,
+            table_byte(table),
             proto,
             scope,
             RTN_UNICAST,
@@ -517,7 +554,7 @@ impl Netlink {
             msg.attr(RTA_DST, &ip_bytes(&dst));
         }
         msg.attr_u32(RTA_OIF, index);
-        msg.attr_u32(RTA_TABLE, RT_TABLE_MAIN);
+        msg.attr_u32(RTA_TABLE, table);
         self.transact(msg, |_, _| {})
     }
 

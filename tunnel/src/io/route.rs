@@ -1,8 +1,10 @@
-//! Per-peer kernel routes into the TUN device, over rtnetlink.
+//! Kernel routes into the TUN device, over rtnetlink.
 //!
-//! Routes are installed in the main table with `proto static`, scope link (IPv4) or
-//! universe (IPv6), no gateway: "this prefix lives behind the mesh interface". The
-//! calls are synchronous and open a netlink socket each (they are control-plane
+//! Per-peer routes are installed in the main table with `proto static`, scope link
+//! (IPv4) or universe (IPv6), no gateway: "this prefix lives behind the mesh interface".
+//! On a worker, the same kind of route also goes into a numbered table of its own (a
+//! default route into the TUN) that the source-port rules of [`super::rule`] select.
+//! The calls are synchronous and open a netlink socket each (they are control-plane
 //! operations, a handful per peer change), in the calling thread's network namespace.
 
 use std::io;
@@ -33,30 +35,51 @@ fn validate(dst: IpAddr, prefix_len: u8) -> io::Result<()> {
     Ok(())
 }
 
-/// Adds the route `dst/prefix_len dev <ifindex>`, replacing an existing route for the
-/// same prefix (`NLM_F_CREATE | NLM_F_REPLACE`), so it is idempotent and also moves a
-/// prefix from another device.
+/// `dst/len dev name (#index)`, plus `table N` outside the main table, for messages.
+fn describe(table: u32, ifindex: u32, dst: IpAddr, prefix_len: u8) -> String {
+    let dev = ifname_or_index(ifindex);
+    if table == RT_TABLE_MAIN {
+        format!("{dst}/{prefix_len} dev {dev}")
+    } else {
+        format!("{dst}/{prefix_len} dev {dev} table {table}")
+    }
+}
+
+/// Adds the main-table route `dst/prefix_len dev <ifindex>`; see [`add_route_in`].
 pub fn add_route(ifindex: u32, dst: IpAddr, prefix_len: u8) -> io::Result<()> {
+    add_route_in(RT_TABLE_MAIN, ifindex, dst, prefix_len)
+}
+
+/// Deletes the main-table route `dst/prefix_len dev <ifindex>`; see [`del_route_in`].
+pub fn del_route(ifindex: u32, dst: IpAddr, prefix_len: u8) -> io::Result<()> {
+    del_route_in(RT_TABLE_MAIN, ifindex, dst, prefix_len)
+}
+
+/// Adds the route `dst/prefix_len dev <ifindex>` to routing table `table`, replacing an
+/// existing route for the same prefix there (`NLM_F_CREATE | NLM_F_REPLACE`), so it is
+/// idempotent and also moves a prefix from another device. The table is created on
+/// first use.
+pub fn add_route_in(table: u32, ifindex: u32, dst: IpAddr, prefix_len: u8) -> io::Result<()> {
     validate(dst, prefix_len)?;
     Netlink::open()
-        .and_then(|mut nl| nl.route(RouteOp::Replace, ifindex, dst, prefix_len))
+        .and_then(|mut nl| nl.route(RouteOp::Replace, table, ifindex, dst, prefix_len))
         .map_err(|e| {
             context(
                 e,
-                format!(
-                    "add route {dst}/{prefix_len} dev {}",
-                    ifname_or_index(ifindex)
-                ),
+                format!("add route {}", describe(table, ifindex, dst, prefix_len)),
             )
         })
 }
 
-/// Deletes the route `dst/prefix_len dev <ifindex>`. A route that does not exist (or a
-/// device that is gone) is not an error.
-pub fn del_route(ifindex: u32, dst: IpAddr, prefix_len: u8) -> io::Result<()> {
+/// Deletes the route `dst/prefix_len dev <ifindex>` from routing table `table`. A route
+/// that does not exist (or a device or table that is gone) is not an error.
+pub fn del_route_in(table: u32, ifindex: u32, dst: IpAddr, prefix_len: u8) -> io::Result<()> {
     validate(dst, prefix_len)?;
-    match Netlink::open().and_then(|mut nl| nl.route(RouteOp::Delete, ifindex, dst, prefix_len)) {
+    let res = Netlink::open()
+        .and_then(|mut nl| nl.route(RouteOp::Delete, table, ifindex, dst, prefix_len));
+    match res {
         Ok(()) => Ok(()),
+        // ESRCH: the route, or (for a numbered table) the whole table, does not exist.
         Err(e)
             if matches!(
                 os_error_of(&e),
@@ -67,10 +90,7 @@ pub fn del_route(ifindex: u32, dst: IpAddr, prefix_len: u8) -> io::Result<()> {
         }
         Err(e) => Err(context(
             e,
-            format!(
-                "delete route {dst}/{prefix_len} dev {}",
-                ifname_or_index(ifindex)
-            ),
+            format!("delete route {}", describe(table, ifindex, dst, prefix_len)),
         )),
     }
 }
@@ -172,6 +192,64 @@ mod tests {
                 "{msg}"
             );
             assert!(add_route(idx, "fd00:1::1".parse().unwrap(), 64).is_err());
+        });
+    }
+
+    #[test]
+    fn default_routes_in_a_numbered_table() {
+        in_netns("default_routes_in_a_numbered_table", || {
+            let dev = TunDevice::create(&TunConfig {
+                name: "flyrt1".into(),
+                mtu: 1420,
+                ipv6: "fd00::1".parse().unwrap(),
+                ipv4: Some("198.18.0.1".parse().unwrap()),
+                offload: false,
+            })
+            .expect("create TUN");
+            let idx = dev.ifindex();
+            let any4: IpAddr = "0.0.0.0".parse().unwrap();
+            let any6: IpAddr = "::".parse().unwrap();
+
+            // 51821 needs RTA_TABLE; 200 fits the rtmsg byte. Adding twice replaces.
+            for table in [51821, 51821, 200] {
+                add_route_in(table, idx, any4, 0).expect("add v4 default");
+                add_route_in(table, idx, any6, 0).expect("add v6 default");
+            }
+            for table in ["51821", "200"] {
+                let out4 = ip(&["-4", "route", "show", "table", table]);
+                assert_eq!(
+                    out4.trim(),
+                    "default dev flyrt1 proto static scope link",
+                    "table {table}"
+                );
+                let out6 = ip(&["-6", "route", "show", "table", table]);
+                assert!(
+                    out6.starts_with("default dev flyrt1 "),
+                    "table {table}: {out6}"
+                );
+                assert_eq!(out6.lines().count(), 1, "table {table}: {out6}");
+            }
+            // Nothing leaked into the main table.
+            assert!(!ip(&["-4", "route", "show"]).contains("default"));
+            assert!(!ip(&["-6", "route", "show"]).contains("default"));
+            assert!(list_routes(idx).unwrap().iter().all(|(_, len)| *len != 0));
+
+            del_route_in(51821, idx, any4, 0).expect("delete v4 default");
+            del_route_in(51821, idx, any6, 0).expect("delete v6 default");
+            assert_eq!(ip(&["-4", "route", "show", "table", "51821"]).trim(), "");
+            assert_eq!(ip(&["-6", "route", "show", "table", "51821"]).trim(), "");
+            assert!(ip(&["-4", "route", "show", "table", "200"]).contains("default"));
+            // Deleting again, or from a table that never existed, is fine.
+            del_route_in(51821, idx, any4, 0).expect("deleting a missing route is Ok");
+            del_route_in(51821, idx, any6, 0).expect("deleting a missing route is Ok");
+            del_route_in(4242, idx, any4, 0).expect("a missing table is Ok");
+
+            let e = add_route_in(51821, 99_999, any4, 0).unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                msg.contains("0.0.0.0/0") && msg.contains("table 51821"),
+                "{msg}"
+            );
         });
     }
 }

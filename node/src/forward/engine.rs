@@ -1,0 +1,683 @@
+//! The forwarding engine: every node is an edge and a worker at once.
+//!
+//! - **Edge** ([`Forwarding::edge`], on the ingress threads): a service datagram from a
+//!   client → the flow's worker (flow table, else weighted rendezvous hashing over the
+//!   service's live workers) → PROXY v2 header + datagram in an inner IPv6/UDP packet to
+//!   the worker's mesh address and forwarding port → encrypted to that peer. When the
+//!   worker is this node, straight to delivery.
+//! - **Worker** ([`Forwarder::inbound`], on the mesh's receive threads): unwrap → the
+//!   service's local container → an IP/UDP packet `client → container` written into the
+//!   TUN, so the kernel delivers it as if the client had sent it. The flow
+//!   `(container, client)` remembers the edge and the anycast address.
+//! - **Replies** ([`Forwarder::unrouted`], on `mesh-tx`): a container datagram to a client
+//!   (routed into the TUN by the policy rules of [`super::host`]) → its worker flow →
+//!   PROXY v2 (anycast → client, marked as a reply) → the edge that received the flow,
+//!   which checks its own flow and sends the payload from the anycast address and port
+//!   through the service's socket. No flow, no reply: counted and dropped, never sent
+//!   with an internal source.
+//!
+//! Direction on the wire: a request carries the standard header only (so it can be
+//! delivered intact to applications that parse PROXY v2); a reply carries one custom TLV
+//! ([`TLV_REPLY`], in the range the spec reserves for applications).
+//!
+//! Sizes: an inner packet must fit the TUN MTU. The largest client payload is
+//! `mtu - 48 - 28` (IPv4) or `mtu - 48 - 52` (IPv6); a larger datagram is dropped,
+//! counted (`edge_oversize`), and answered with ICMP "fragmentation needed" / ICMPv6
+//! "packet too big" from the anycast address (rate-limited), which makes the client's
+//! stack lower its path MTU. Oversized replies are counted (`reply_oversize`) and
+//! dropped: the container chose the size, the client never asked for it.
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use flynode_tunnel::core::{Core, Peer};
+use flynode_tunnel::driver::{Forwarder, Port};
+use flynode_tunnel::io::udp::UdpSocket;
+use serde::{Deserialize, Serialize};
+
+use super::flows::{Endpoint, FlowCounters, FlowTable, Tick};
+use super::icmp::Icmp;
+use super::packet::{self, IPV6_HEADER, UDP_HEADER};
+use super::{hash, proxy};
+use crate::config::NodeId;
+use crate::routing::RoutingMap;
+
+/// The custom TLV that marks a reply (worker → edge). Value: one byte, `R`.
+pub const TLV_REPLY: u8 = proxy::TLV_CUSTOM_MIN;
+const REPLY: &[u8] = b"R";
+/// The reply TLV on the wire: type, 2-byte length, value.
+const REPLY_TLV_LEN: usize = 3 + REPLY.len();
+/// Inner packets are IPv6/UDP between mesh addresses.
+const INNER_OVERHEAD: usize = IPV6_HEADER + UDP_HEADER;
+
+/// The service sockets, by (anycast address, port): the edge sends replies from them.
+/// Kept up to date by the ingress ([`crate::ingress::socket`]).
+pub type ServiceSockets = Arc<ArcSwap<HashMap<SocketAddr, Arc<UdpSocket>>>>;
+
+/// What the engine needs to know about this node.
+#[derive(Debug, Clone)]
+pub struct ForwardConfig {
+    pub node: NodeId,
+    pub mesh_address: Ipv6Addr,
+    pub forward_port: u16,
+    /// The TUN MTU: the largest inner packet.
+    pub mtu: u16,
+    pub edge_flows: usize,
+    pub worker_flows: usize,
+    pub idle_timeout: Duration,
+    /// A peer silent for longer is not a healthy worker.
+    pub peer_timeout: Duration,
+}
+
+/// Flow value at the edge: the worker's mesh address.
+type EdgeFlow = [u8; 16];
+
+/// Flow value at the worker: the edge's mesh address and the anycast endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct WorkerFlow {
+    edge: [u8; 16],
+    anycast: Endpoint,
+}
+
+/// One worker of a service, resolved against the mesh.
+struct WorkerRef {
+    id: Arc<str>,
+    mesh: Ipv6Addr,
+    weight: u32,
+    /// `None`: this node.
+    peer: Option<Arc<Peer>>,
+}
+
+struct ServiceRoute {
+    proxy_protocol: bool,
+    workers: Vec<WorkerRef>,
+    /// This node's containers for the service, if it is one of its workers.
+    local_v4: Option<SocketAddr>,
+    local_v6: Option<SocketAddr>,
+}
+
+impl ServiceRoute {
+    fn local(&self, v6: bool) -> Option<SocketAddr> {
+        if v6 { self.local_v6 } else { self.local_v4 }
+    }
+}
+
+#[derive(Default)]
+struct Table {
+    services: HashMap<u32, ServiceRoute>,
+    /// (anycast address, port) → service id.
+    endpoints: HashMap<SocketAddr, u32>,
+}
+
+macro_rules! counters {
+    ($(#[$m:meta])* $name:ident { $($(#[$fm:meta])* $field:ident),* $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Default)]
+        pub struct $name { $($(#[$fm])* pub $field: AtomicU64,)* }
+        impl $name {
+            /// Every counter by name.
+            pub fn snapshot(&self) -> std::collections::BTreeMap<String, u64> {
+                [$((stringify!($field), &self.$field)),*]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v.load(Relaxed)))
+                    .collect()
+            }
+        }
+    };
+}
+
+counters!(
+    /// What the forwarding layer did with each datagram; plain atomics (no locks to read).
+    ForwardCounters {
+        /// Client datagrams sent through the mesh to a worker.
+        edge_forwarded,
+        /// Client datagrams delivered on this node (the edge is the worker).
+        edge_local,
+        /// Dropped: the service has no live worker.
+        edge_no_worker,
+        /// Dropped: the service id is not in the routing map (a map change in flight).
+        edge_unknown_service,
+        /// Dropped: the datagram cannot fit the mesh MTU (an ICMP went to the client).
+        edge_oversize,
+        /// Dropped: the tunnel refused the packet (no session endpoint, buffer).
+        edge_tunnel_drops,
+        /// ICMP "too big" messages sent to clients, and those the rate limit held back.
+        icmp_sent,
+        icmp_rate_limited,
+        icmp_errors,
+        /// Datagrams written into the TUN for a container.
+        worker_delivered,
+        /// Dropped: not a UDP inner packet, or an IPv4 one.
+        worker_bad_inner,
+        /// Dropped: the PROXY v2 header did not decode (or was a LOCAL command).
+        worker_bad_proxy,
+        /// Dropped: this node serves no container for the datagram's service and family.
+        worker_not_serving,
+        /// Container replies sent through the mesh to their edge.
+        reply_forwarded,
+        /// Container replies sent to the client from this node (edge == worker).
+        reply_local,
+        /// Dropped: a packet from a container that matches no flow.
+        reply_no_flow,
+        /// Dropped: a packet routed into the TUN that is not a forwardable UDP datagram.
+        reply_not_udp,
+        /// Dropped: a reply too large for the mesh MTU.
+        reply_oversize,
+        /// Dropped: the tunnel refused the reply.
+        reply_tunnel_drops,
+        /// Replies sent to clients from the anycast address.
+        client_replies,
+        /// Dropped at the edge: a reply for a flow this edge does not hold for that worker.
+        client_reply_unknown_flow,
+        /// Dropped at the edge: no socket for the anycast address and port.
+        client_reply_no_socket,
+        /// Dropped at the edge: sendto failed.
+        client_reply_errors,
+    }
+);
+
+/// Flow tables in `flynode status`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FlowStatus {
+    pub active: usize,
+    pub capacity: usize,
+    pub inserted: u64,
+    pub evicted: u64,
+    pub expired: u64,
+    pub invalidated: u64,
+}
+
+impl FlowStatus {
+    fn of<V: Copy>(t: &FlowTable<V>) -> FlowStatus {
+        let FlowCounters {
+            inserted,
+            evicted,
+            expired,
+            invalidated,
+        } = t.counters();
+        FlowStatus {
+            active: t.len(),
+            capacity: t.capacity(),
+            inserted,
+            evicted,
+            expired,
+            invalidated,
+        }
+    }
+}
+
+/// One worker of a service as `flynode status` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WorkerStatus {
+    pub node: String,
+    pub weight: u32,
+    pub local: bool,
+    pub healthy: bool,
+}
+
+/// The forwarding layer in `flynode status`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ForwardStatus {
+    pub max_payload_v4: usize,
+    pub max_payload_v6: usize,
+    pub edge_flows: FlowStatus,
+    pub worker_flows: FlowStatus,
+    /// Service id → its workers.
+    pub workers: std::collections::BTreeMap<String, Vec<WorkerStatus>>,
+    pub counters: std::collections::BTreeMap<String, u64>,
+}
+
+/// What applying a routing map changed.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ApplyReport {
+    pub edge_flows_invalidated: usize,
+    pub worker_flows_invalidated: usize,
+}
+
+pub struct Forwarding {
+    config: ForwardConfig,
+    mesh: SocketAddr,
+    table: ArcSwap<Table>,
+    edge: FlowTable<EdgeFlow>,
+    worker: FlowTable<WorkerFlow>,
+    sockets: ServiceSockets,
+    icmp: Icmp,
+    pub counters: ForwardCounters,
+}
+
+thread_local! {
+    /// Where inner packets are built before encryption (one per thread).
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0u8; 65536 + 256]);
+}
+
+/// Room for a PROXY v2 header with our TLV.
+const PROXY_BUF: usize = 64;
+
+impl Forwarding {
+    pub fn new(config: ForwardConfig, sockets: ServiceSockets) -> Forwarding {
+        Forwarding {
+            mesh: SocketAddr::new(IpAddr::V6(config.mesh_address), config.forward_port),
+            edge: FlowTable::new(config.edge_flows, config.idle_timeout),
+            worker: FlowTable::new(config.worker_flows, config.idle_timeout),
+            table: ArcSwap::from_pointee(Table::default()),
+            sockets,
+            icmp: Icmp::new(),
+            counters: ForwardCounters::default(),
+            config,
+        }
+    }
+
+    /// The largest client payload that fits an inner packet, per family.
+    pub fn max_payload(&self, v6: bool) -> usize {
+        usize::from(self.config.mtu).saturating_sub(INNER_OVERHEAD + proxy::udp_header_len(v6))
+    }
+
+    /// Follows a new routing map (after the mesh's peers were applied, so workers
+    /// resolve to current peers). Flows pinned to a worker that left their service, and
+    /// worker flows to a container this node no longer serves, are forgotten; every
+    /// other flow stays where it is.
+    pub fn apply(&self, routing: &RoutingMap, core: &Core) -> ApplyReport {
+        let mut table = Table::default();
+        for service in routing.services.values() {
+            let mut route = ServiceRoute {
+                proxy_protocol: service.proxy_protocol,
+                workers: Vec::with_capacity(service.workers.len()),
+                local_v4: None,
+                local_v6: None,
+            };
+            for worker in &service.workers {
+                let Some(node) = routing.nodes.get(&worker.node) else {
+                    continue;
+                };
+                let local = worker.node == self.config.node;
+                if local {
+                    route.local_v4 = worker.target_for(false);
+                    route.local_v6 = worker.target_for(true);
+                }
+                let peer = if local {
+                    None
+                } else {
+                    match core.peer(worker.node.as_str()) {
+                        Some(p) => Some(p),
+                        // Not a peer (yet): cannot be chosen.
+                        None => continue,
+                    }
+                };
+                route.workers.push(WorkerRef {
+                    id: Arc::from(worker.node.as_str()),
+                    mesh: node.mesh_address,
+                    weight: worker.weight,
+                    peer,
+                });
+            }
+            for (address, port, s) in routing.service_endpoints() {
+                if s.id == service.id {
+                    table
+                        .endpoints
+                        .insert(SocketAddr::new(address, port), service.id.get());
+                }
+            }
+            table.services.insert(service.id.get(), route);
+        }
+        let edge_flows_invalidated = self.edge.retain(|(_, anycast), worker| {
+            table
+                .endpoints
+                .get(&anycast.socket_addr())
+                .and_then(|id| table.services.get(id))
+                .is_some_and(|s| s.workers.iter().any(|w| w.mesh.octets() == *worker))
+        });
+        let served: std::collections::HashSet<SocketAddr> = table
+            .services
+            .values()
+            .flat_map(|s| [s.local_v4, s.local_v6])
+            .flatten()
+            .collect();
+        let worker_flows_invalidated = self
+            .worker
+            .retain(|(container, _), _| served.contains(&container.socket_addr()));
+        self.table.store(Arc::new(table));
+        ApplyReport {
+            edge_flows_invalidated,
+            worker_flows_invalidated,
+        }
+    }
+
+    /// The container endpoints this node serves (for the host's reply rules).
+    pub fn local_targets(&self) -> Vec<SocketAddr> {
+        let table = self.table.load();
+        let mut out: Vec<SocketAddr> = table
+            .services
+            .values()
+            .flat_map(|s| [s.local_v4, s.local_v6])
+            .flatten()
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Forgets idle flows; called about once a second.
+    pub fn expire(&self) -> usize {
+        let now = Tick::now();
+        self.edge.expire(now) + self.worker.expire(now)
+    }
+
+    pub fn status(&self, core: &Core) -> ForwardStatus {
+        let table = self.table.load();
+        let workers = table
+            .services
+            .iter()
+            .map(|(id, s)| {
+                let list = s
+                    .workers
+                    .iter()
+                    .map(|w| WorkerStatus {
+                        node: w.id.to_string(),
+                        weight: w.weight,
+                        local: w.peer.is_none(),
+                        healthy: self.alive(w, core),
+                    })
+                    .collect();
+                (id.to_string(), list)
+            })
+            .collect();
+        ForwardStatus {
+            max_payload_v4: self.max_payload(false),
+            max_payload_v6: self.max_payload(true),
+            edge_flows: FlowStatus::of(&self.edge),
+            worker_flows: FlowStatus::of(&self.worker),
+            workers,
+            counters: self.counters.snapshot(),
+        }
+    }
+
+    fn alive(&self, w: &WorkerRef, core: &Core) -> bool {
+        match &w.peer {
+            None => true,
+            Some(p) => core.peer_alive(p, self.config.peer_timeout),
+        }
+    }
+
+    /// Edge: a datagram for service `service` from `client` to `anycast`.
+    pub fn edge(
+        &self,
+        service: u32,
+        client: SocketAddr,
+        anycast: SocketAddr,
+        payload: &[u8],
+        port: &mut Port<'_>,
+        now: Tick,
+    ) {
+        let c = &self.counters;
+        let table = self.table.load();
+        let Some(route) = table.services.get(&service) else {
+            c.edge_unknown_service.fetch_add(1, Relaxed);
+            return;
+        };
+        let v6 = anycast.is_ipv6();
+        if payload.len() > self.max_payload(v6) {
+            c.edge_oversize.fetch_add(1, Relaxed);
+            self.too_big(client, anycast, payload);
+            return;
+        }
+        let key = (Endpoint::new(client), Endpoint::new(anycast));
+        let core = port.core();
+        let pinned = self.edge.get(&key, now).and_then(|mesh| {
+            route
+                .workers
+                .iter()
+                .find(|w| w.mesh.octets() == mesh && self.alive(w, core))
+        });
+        let worker = match pinned {
+            Some(w) => w,
+            None => {
+                let flow = flow_bytes(&key);
+                let live = route.workers.iter().filter(|w| self.alive(w, core));
+                let Some(w) = hash::choose(&flow, live, |w| w.id.as_bytes(), |w| w.weight) else {
+                    c.edge_no_worker.fetch_add(1, Relaxed);
+                    return;
+                };
+                self.edge.insert(key, w.mesh.octets(), now);
+                w
+            }
+        };
+        let mut header = [0u8; PROXY_BUF];
+        let Ok(hlen) = proxy::encode_udp(client, anycast, &[], &mut header) else {
+            return;
+        };
+        let Some(peer) = &worker.peer else {
+            c.edge_local.fetch_add(1, Relaxed);
+            self.deliver(
+                route,
+                client,
+                anycast,
+                &header[..hlen],
+                payload,
+                self.config.mesh_address.octets(),
+                port,
+                now,
+            );
+            return;
+        };
+        let dst = SocketAddr::new(IpAddr::V6(worker.mesh), self.config.forward_port);
+        let sent = SCRATCH.with_borrow_mut(|buf| {
+            let len = packet::write_udp(buf, self.mesh, dst, &[&header[..hlen], payload])?;
+            Some(port.to_peer(peer, &buf[..len]))
+        });
+        match sent {
+            Some(Ok(())) => c.edge_forwarded.fetch_add(1, Relaxed),
+            _ => c.edge_tunnel_drops.fetch_add(1, Relaxed),
+        };
+    }
+
+    /// Worker: writes `client → container` into the TUN and remembers the flow.
+    #[allow(clippy::too_many_arguments)]
+    fn deliver(
+        &self,
+        route: &ServiceRoute,
+        client: SocketAddr,
+        anycast: SocketAddr,
+        header: &[u8],
+        payload: &[u8],
+        edge: [u8; 16],
+        port: &mut Port<'_>,
+        now: Tick,
+    ) {
+        let c = &self.counters;
+        let Some(target) = route.local(client.is_ipv6()) else {
+            c.worker_not_serving.fetch_add(1, Relaxed);
+            return;
+        };
+        self.worker.insert(
+            (Endpoint::new(target), Endpoint::new(client)),
+            WorkerFlow {
+                edge,
+                anycast: Endpoint::new(anycast),
+            },
+            now,
+        );
+        let parts: &[&[u8]] = if route.proxy_protocol {
+            &[header, payload]
+        } else {
+            &[payload]
+        };
+        let max = packet::udp_overhead(client.is_ipv6()) + header.len() + payload.len();
+        port.build_tun(max, |buf| {
+            packet::write_udp(buf, client, target, parts).unwrap_or(0)
+        });
+        c.worker_delivered.fetch_add(1, Relaxed);
+    }
+
+    /// Edge: sends a reply payload from the anycast address to the client.
+    fn send_to_client(&self, anycast: SocketAddr, client: SocketAddr, payload: &[u8]) {
+        let c = &self.counters;
+        let sockets = self.sockets.load();
+        let Some(socket) = sockets.get(&anycast) else {
+            c.client_reply_no_socket.fetch_add(1, Relaxed);
+            return;
+        };
+        let to = nix::sys::socket::SockaddrStorage::from(client);
+        match nix::sys::socket::sendto(
+            socket.as_raw_fd(),
+            payload,
+            &to,
+            nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+        ) {
+            Ok(_) => c.client_replies.fetch_add(1, Relaxed),
+            Err(_) => c.client_reply_errors.fetch_add(1, Relaxed),
+        };
+    }
+
+    fn too_big(&self, client: SocketAddr, anycast: SocketAddr, payload: &[u8]) {
+        let v6 = anycast.is_ipv6();
+        let mtu = self.max_payload(v6) + packet::udp_overhead(v6);
+        let c = &self.counters;
+        match self.icmp.too_big(
+            client,
+            anycast,
+            payload,
+            u16::try_from(mtu).unwrap_or(u16::MAX),
+        ) {
+            Ok(true) => c.icmp_sent.fetch_add(1, Relaxed),
+            Ok(false) => c.icmp_rate_limited.fetch_add(1, Relaxed),
+            Err(e) => {
+                let n = c.icmp_errors.fetch_add(1, Relaxed);
+                if n.is_power_of_two() {
+                    tracing::warn!(error = %e, count = n + 1, "sending ICMP too-big failed");
+                }
+                n
+            }
+        };
+    }
+
+    /// Edge: a reply from `from_mesh` for the flow (client, anycast).
+    fn client_reply(
+        &self,
+        anycast: SocketAddr,
+        client: SocketAddr,
+        payload: &[u8],
+        from_mesh: [u8; 16],
+        now: Tick,
+    ) {
+        let key = (Endpoint::new(client), Endpoint::new(anycast));
+        if self.edge.get(&key, now) != Some(from_mesh) {
+            self.counters
+                .client_reply_unknown_flow
+                .fetch_add(1, Relaxed);
+            return;
+        }
+        self.send_to_client(anycast, client, payload);
+    }
+}
+
+/// The flow as the rendezvous hash sees it: both endpoints, 36 bytes.
+fn flow_bytes((a, b): &(Endpoint, Endpoint)) -> [u8; 36] {
+    let mut out = [0u8; 36];
+    out[..16].copy_from_slice(&ip16(a.ip()));
+    out[16..18].copy_from_slice(&a.port().to_be_bytes());
+    out[18..34].copy_from_slice(&ip16(b.ip()));
+    out[34..36].copy_from_slice(&b.port().to_be_bytes());
+    out
+}
+
+fn ip16(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+impl Forwarder for Forwarding {
+    fn inbound(&self, _from: &Peer, packet: &[u8], port: &mut Port<'_>) {
+        let c = &self.counters;
+        let now = Tick::now();
+        let Ok(udp) = packet::parse_udp(packet) else {
+            c.worker_bad_inner.fetch_add(1, Relaxed);
+            return;
+        };
+        let IpAddr::V6(sender) = udp.src.ip() else {
+            c.worker_bad_inner.fetch_add(1, Relaxed);
+            return;
+        };
+        let Ok((header, hlen)) = proxy::decode(udp.payload) else {
+            c.worker_bad_proxy.fetch_add(1, Relaxed);
+            return;
+        };
+        let Some((src, dst)) = header.endpoints() else {
+            c.worker_bad_proxy.fetch_add(1, Relaxed);
+            return;
+        };
+        let payload = &udp.payload[hlen..];
+        if header.tlv(TLV_REPLY) == Some(REPLY) {
+            self.client_reply(src, dst, payload, sender.octets(), now);
+            return;
+        }
+        let table = self.table.load();
+        let Some(route) = table
+            .endpoints
+            .get(&dst)
+            .and_then(|id| table.services.get(id))
+        else {
+            c.worker_not_serving.fetch_add(1, Relaxed);
+            return;
+        };
+        self.deliver(
+            route,
+            src,
+            dst,
+            &udp.payload[..hlen],
+            payload,
+            sender.octets(),
+            port,
+            now,
+        );
+    }
+
+    fn unrouted(&self, packet: &[u8], port: &mut Port<'_>) {
+        let c = &self.counters;
+        let Ok(udp) = packet::parse_udp(packet) else {
+            c.reply_not_udp.fetch_add(1, Relaxed);
+            return;
+        };
+        let now = Tick::now();
+        let key = (Endpoint::new(udp.src), Endpoint::new(udp.dst));
+        let Some(flow) = self.worker.get(&key, now) else {
+            c.reply_no_flow.fetch_add(1, Relaxed);
+            return;
+        };
+        let anycast = flow.anycast.socket_addr();
+        let client = udp.dst;
+        if flow.edge == self.config.mesh_address.octets() {
+            c.reply_local.fetch_add(1, Relaxed);
+            self.client_reply(anycast, client, udp.payload, flow.edge, now);
+            return;
+        }
+        if udp.payload.len() + REPLY_TLV_LEN > self.max_payload(client.is_ipv6()) {
+            c.reply_oversize.fetch_add(1, Relaxed);
+            return;
+        }
+        let mut header = [0u8; PROXY_BUF];
+        let Ok(hlen) = proxy::encode_udp(anycast, client, &[(TLV_REPLY, REPLY)], &mut header)
+        else {
+            c.reply_not_udp.fetch_add(1, Relaxed);
+            return;
+        };
+        let dst = SocketAddr::new(
+            IpAddr::V6(Ipv6Addr::from(flow.edge)),
+            self.config.forward_port,
+        );
+        let sent = SCRATCH.with_borrow_mut(|buf| {
+            let len = packet::write_udp(buf, self.mesh, dst, &[&header[..hlen], udp.payload])?;
+            Some(port.to_mesh(&buf[..len]))
+        });
+        match sent {
+            Some(Ok(())) => c.reply_forwarded.fetch_add(1, Relaxed),
+            _ => c.reply_tunnel_drops.fetch_add(1, Relaxed),
+        };
+    }
+}

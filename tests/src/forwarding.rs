@@ -1,0 +1,396 @@
+//! The end-to-end topology: flynode nodes on a LAN (see [`crate::mesh::Lan`]), a client
+//! host on the same LAN, anycast addresses on the edges, and one container namespace
+//! behind every worker running a UDP echo service that says who it is and what source
+//! address it saw.
+//!
+//! Addresses: LAN 198.18.10.N / 2001:db8:10::N; client 198.18.10.100; anycast
+//! 198.18.100.1 and 2001:db8:100::1 (port 7); container behind node N: 198.19.N.2 and
+//! fd00:c:N::2 (the node's side .1 / ::1).
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use flynode::netns::{Netns, veth};
+
+use crate::mesh::{Host, Lan, routing_for};
+use crate::node::{Daemon, Prepared};
+
+pub const ANYCAST4: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
+pub const ANYCAST6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 1);
+pub const PORT: u16 = 7;
+/// The client's host number on the LAN.
+pub const CLIENT: u8 = 100;
+
+pub fn anycast(v6: bool) -> SocketAddr {
+    if v6 {
+        SocketAddr::from((ANYCAST6, PORT))
+    } else {
+        SocketAddr::from((ANYCAST4, PORT))
+    }
+}
+
+/// The container behind node `n`.
+pub fn container(n: u8, v6: bool) -> SocketAddr {
+    if v6 {
+        SocketAddr::from((
+            Ipv6Addr::new(0xfd00, 0xc, u16::from(n), 0, 0, 0, 0, 2),
+            PORT,
+        ))
+    } else {
+        SocketAddr::from((Ipv4Addr::new(198, 19, n, 2), PORT))
+    }
+}
+
+/// A UDP echo server in a container: answers every datagram with
+/// `"<name> saw <source> | <payload>"`.
+pub struct Echo {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Echo {
+    pub fn start(ns: &Netns, name: &str, addrs: &[SocketAddr]) -> Echo {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = addrs
+            .iter()
+            .map(|addr| {
+                let socket = ns
+                    .enter(|| UdpSocket::bind(addr))
+                    .expect("enter container")
+                    .expect("bind echo");
+                socket
+                    .set_read_timeout(Some(Duration::from_millis(50)))
+                    .unwrap();
+                let stop = Arc::clone(&stop);
+                let name = name.to_owned();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 65536];
+                    while !stop.load(Ordering::Relaxed) {
+                        let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                            continue;
+                        };
+                        let mut reply = format!("{name} saw {from} | ").into_bytes();
+                        reply.extend_from_slice(&buf[..n]);
+                        let _ = socket.send_to(&reply, from);
+                    }
+                })
+            })
+            .collect();
+        Echo { stop, threads }
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A service of the routing map: id, anycast addresses, port 7, workers by node number
+/// (weight 1 unless given).
+pub struct ServiceSpec {
+    pub id: u32,
+    pub name: &'static str,
+    pub workers: Vec<(u8, u32)>,
+    pub proxy_protocol: bool,
+}
+
+impl ServiceSpec {
+    pub fn echo(workers: &[u8]) -> ServiceSpec {
+        ServiceSpec {
+            id: 1,
+            name: "echo",
+            workers: workers.iter().map(|&n| (n, 1)).collect(),
+            proxy_protocol: false,
+        }
+    }
+
+    pub fn toml(&self) -> String {
+        let mut s = format!(
+            "[[service]]\nid = {}\nname = \"{}\"\nanycast = [\"{ANYCAST4}\", \"{ANYCAST6}\"]\nports = [{PORT}]\nproxy_protocol = {}\n",
+            self.id, self.name, self.proxy_protocol
+        );
+        for (n, weight) in &self.workers {
+            s.push_str(&format!(
+                "  [[service.worker]]\n  node = \"node-{n}\"\n  target = [\"{}\", \"{}\"]\n  weight = {weight}\n",
+                container(*n, false),
+                container(*n, true)
+            ));
+        }
+        s
+    }
+}
+
+/// Nodes 1..=N on a LAN (every one an edge and a worker), a client, and containers.
+pub struct Topology {
+    // Field order is drop order: daemons and echo servers before the namespaces.
+    pub daemons: Vec<Option<Daemon>>,
+    pub echoes: Vec<Echo>,
+    pub containers: Vec<Netns>,
+    /// The node map without services (every node's key), for [`Self::routing`].
+    pub nodes_toml: String,
+    pub lan: Lan,
+}
+
+impl Topology {
+    /// Starts `nodes` flynode nodes (native XDP, 1 s keepalives so a dead worker is
+    /// noticed within 3 s) with `services`, a client (host [`CLIENT`]) routed to edge 1.
+    pub fn start(nodes: u8, services: &[ServiceSpec]) -> Topology {
+        let lan = Lan::new(nodes);
+        let client = Netns::create("client").expect("netns");
+        veth(&lan.hub, "pc", &client, "eth0").expect("veth");
+        lan.hub
+            .ip(&["link", "set", "pc", "master", "br0"])
+            .expect("enslave");
+        client
+            .ip(&["addr", "add", "198.18.10.100/24", "dev", "eth0"])
+            .expect("addr");
+        client
+            .ip(&["addr", "add", "2001:db8:10::100/64", "dev", "eth0", "nodad"])
+            .expect("addr6");
+        let mut containers = Vec::new();
+        let mut echoes = Vec::new();
+        for host in &lan.nodes {
+            let n = host.n;
+            for (addr, dev) in [
+                (format!("{ANYCAST4}/32"), "lo"),
+                (format!("{ANYCAST6}/128"), "lo"),
+            ] {
+                host.ns
+                    .ip(&["addr", "add", &addr, "dev", dev])
+                    .expect("anycast");
+            }
+            let ctr = Netns::create(&format!("c{n}")).expect("netns");
+            veth(&host.ns, "ctr0", &ctr, "eth0").expect("veth");
+            host.ns
+                .ip(&["addr", "add", &format!("198.19.{n}.1/24"), "dev", "ctr0"])
+                .expect("addr");
+            host.ns
+                .ip(&[
+                    "addr",
+                    "add",
+                    &format!("fd00:c:{n}::1/64"),
+                    "dev",
+                    "ctr0",
+                    "nodad",
+                ])
+                .expect("addr");
+            ctr.ip(&["addr", "add", &format!("198.19.{n}.2/24"), "dev", "eth0"])
+                .expect("addr");
+            ctr.ip(&[
+                "addr",
+                "add",
+                &format!("fd00:c:{n}::2/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])
+            .expect("addr");
+            ctr.ip(&["route", "add", "default", "via", &format!("198.19.{n}.1")])
+                .expect("route");
+            ctr.ip(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("fd00:c:{n}::1"),
+            ])
+            .expect("route6");
+            host.ns.sysctl("net.ipv4.ip_forward", "1").expect("sysctl");
+            host.ns
+                .sysctl("net.ipv6.conf.all.forwarding", "1")
+                .expect("sysctl");
+            echoes.push(Echo::start(
+                &ctr,
+                &format!("worker-{n}"),
+                &[container(n, false), container(n, true)],
+            ));
+            containers.push(ctr);
+        }
+        let prepared: Vec<Prepared> = lan
+            .nodes
+            .iter()
+            .map(|h| {
+                let mut spec = h.spec();
+                spec.mode = "native".into();
+                spec.wireguard.push("persistent_keepalive = \"1s\"".into());
+                Prepared::new(spec)
+            })
+            .collect();
+        let nodes_toml = routing_for(
+            &lan.nodes
+                .iter()
+                .zip(&prepared)
+                .map(|(h, p)| (h, &p.spec, p.public_key))
+                .collect::<Vec<_>>(),
+        );
+        let map = Self::map(&nodes_toml, services);
+        let daemons = lan
+            .nodes
+            .iter()
+            .zip(prepared)
+            .map(|(h, p)| Some(p.start(&h.ns, &map)))
+            .collect();
+        let topology = Topology {
+            daemons,
+            echoes,
+            containers,
+            nodes_toml,
+            lan,
+        };
+        // The client joins last so that Lan's drop order still removes it: keep it in
+        // `containers` (all are plain namespaces).
+        let mut topology = topology;
+        topology.containers.push(client);
+        topology.route_client_to(1);
+        topology
+    }
+
+    fn map(nodes: &str, services: &[ServiceSpec]) -> String {
+        let mut map = nodes.to_owned();
+        for s in services {
+            map.push_str(&s.toml());
+        }
+        map
+    }
+
+    /// The routing map with `services`.
+    pub fn routing(&self, services: &[ServiceSpec]) -> String {
+        Self::map(&self.nodes_toml, services)
+    }
+
+    /// Writes `services` into every running node's routing file.
+    pub fn set_services(&self, services: &[ServiceSpec]) {
+        let map = self.routing(services);
+        for d in self.daemons.iter().flatten() {
+            d.write_routing(&map);
+        }
+    }
+
+    pub fn client(&self) -> &Netns {
+        self.containers.last().expect("client namespace")
+    }
+
+    pub fn host(&self, n: u8) -> &Host {
+        self.lan.host(n)
+    }
+
+    pub fn daemon(&self, n: u8) -> &Daemon {
+        self.daemons[usize::from(n) - 1].as_ref().expect("running")
+    }
+
+    /// Sends the client's traffic for the anycast addresses to edge `n`.
+    pub fn route_client_to(&self, n: u8) {
+        let c = self.client();
+        c.ip(&[
+            "route",
+            "replace",
+            &format!("{ANYCAST4}/32"),
+            "via",
+            &format!("198.18.10.{n}"),
+        ])
+        .expect("route");
+        c.ip(&[
+            "-6",
+            "route",
+            "replace",
+            &format!("{ANYCAST6}/128"),
+            "via",
+            &format!("2001:db8:10::{n}"),
+        ])
+        .expect("route6");
+    }
+
+    /// A client socket bound in the client namespace on `port` (0: any).
+    pub fn client_socket(&self, v6: bool, port: u16) -> UdpSocket {
+        let addr: SocketAddr = if v6 {
+            SocketAddr::from((Ipv6Addr::new(0x2001, 0xdb8, 0x10, 0, 0, 0, 0, 0x100), port))
+        } else {
+            SocketAddr::from((Ipv4Addr::new(198, 18, 10, CLIENT), port))
+        };
+        let s = self
+            .client()
+            .enter(|| UdpSocket::bind(addr))
+            .expect("enter client")
+            .expect("bind client");
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        s
+    }
+
+    /// Waits until every node sees every other as a live peer (sessions up, recent
+    /// traffic), so that all workers can be chosen.
+    pub fn wait_for_mesh(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ready = self.daemons.iter().flatten().all(|d| {
+                d.try_status().is_ok_and(|s| {
+                    s["forwarding"]["workers"]
+                        .as_object()
+                        .is_some_and(|services| {
+                            services.values().all(|ws| {
+                                ws.as_array()
+                                    .is_some_and(|ws| ws.iter().all(|w| w["healthy"] == true))
+                            })
+                        })
+                })
+            });
+            if ready {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "workers not healthy in time: {}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        self.daemons
+            .iter()
+            .flatten()
+            .map(|d| format!("--- {} ---\n{}", d.spec().id, d.log()))
+            .collect()
+    }
+}
+
+/// One request/reply: sends `payload` from `socket` to `to`, returns the reply and where
+/// it came from, retrying a few times (the first datagram of a flow may meet a mesh
+/// that is still handshaking).
+pub fn ask(socket: &UdpSocket, to: SocketAddr, payload: &[u8]) -> Option<(String, SocketAddr)> {
+    let mut buf = [0u8; 65536];
+    for _ in 0..10 {
+        socket.send_to(payload, to).ok()?;
+        if let Ok((n, from)) = socket.recv_from(&mut buf) {
+            return Some((String::from_utf8_lossy(&buf[..n]).into_owned(), from));
+        }
+    }
+    None
+}
+
+/// The worker name and the source address in an echo reply.
+pub fn parse_echo(reply: &str) -> (String, SocketAddr) {
+    let (head, _) = reply.split_once(" | ").expect("echo reply format");
+    let (name, saw) = head.split_once(" saw ").expect("echo reply format");
+    (name.to_owned(), saw.parse().expect("address"))
+}
+
+/// The client's address as the containers must see it.
+pub fn client_addr(v6: bool, port: u16) -> SocketAddr {
+    if v6 {
+        SocketAddr::new(
+            IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0x10, 0, 0, 0, 0, 0x100)),
+            port,
+        )
+    } else {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 18, 10, CLIENT)), port)
+    }
+}
