@@ -367,6 +367,7 @@ mod tests {
                 drops: BTreeMap::from([("malformed".into(), 1)]),
                 counters: BTreeMap::new(),
             },
+            forwarding: Default::default(),
         };
         let served = status.clone();
         tokio::spawn(async move {

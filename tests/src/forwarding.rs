@@ -48,11 +48,14 @@ pub fn container(n: u8, v6: bool) -> SocketAddr {
 pub struct Echo {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    /// The service sockets, for datagrams the container sends unasked.
+    sockets: Vec<UdpSocket>,
 }
 
 impl Echo {
     pub fn start(ns: &Netns, name: &str, addrs: &[SocketAddr]) -> Echo {
         let stop = Arc::new(AtomicBool::new(false));
+        let mut sockets = Vec::new();
         let threads = addrs
             .iter()
             .map(|addr| {
@@ -60,6 +63,7 @@ impl Echo {
                     .enter(|| UdpSocket::bind(addr))
                     .expect("enter container")
                     .expect("bind echo");
+                sockets.push(socket.try_clone().expect("clone socket"));
                 socket
                     .set_read_timeout(Some(Duration::from_millis(50)))
                     .unwrap();
@@ -78,7 +82,22 @@ impl Echo {
                 })
             })
             .collect();
-        Echo { stop, threads }
+        Echo {
+            stop,
+            threads,
+            sockets,
+        }
+    }
+
+    /// Sends `payload` from the service socket of `to`'s family to `to`, as a container
+    /// answering nobody would.
+    pub fn send_unasked(&self, to: SocketAddr, payload: &[u8]) {
+        let socket = self
+            .sockets
+            .iter()
+            .find(|s| s.local_addr().is_ok_and(|a| a.is_ipv6() == to.is_ipv6()))
+            .expect("socket of that family");
+        socket.send_to(payload, to).expect("send");
     }
 }
 
@@ -141,6 +160,15 @@ impl Topology {
     /// Starts `nodes` flynode nodes (native XDP, 1 s keepalives so a dead worker is
     /// noticed within 3 s) with `services`, a client (host [`CLIENT`]) routed to edge 1.
     pub fn start(nodes: u8, services: &[ServiceSpec]) -> Topology {
+        Self::start_with(nodes, services, |_| {})
+    }
+
+    /// As [`Self::start`], with each node's spec adjusted by `tweak`.
+    pub fn start_with(
+        nodes: u8,
+        services: &[ServiceSpec],
+        tweak: impl Fn(&mut crate::node::NodeSpec),
+    ) -> Topology {
         let lan = Lan::new(nodes);
         let client = Netns::create("client").expect("netns");
         veth(&lan.hub, "pc", &client, "eth0").expect("veth");
@@ -220,6 +248,7 @@ impl Topology {
                 let mut spec = h.spec();
                 spec.mode = "native".into();
                 spec.wireguard.push("persistent_keepalive = \"1s\"".into());
+                tweak(&mut spec);
                 Prepared::new(spec)
             })
             .collect();
@@ -393,4 +422,24 @@ pub fn client_addr(v6: bool, port: u16) -> SocketAddr {
     } else {
         SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 18, 10, CLIENT)), port)
     }
+}
+
+/// A forwarding counter of a node's `flynode status`.
+pub fn counter(daemon: &Daemon, name: &str) -> u64 {
+    daemon.status()["forwarding"]["counters"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no forwarding counter {name}"))
+}
+
+/// For each flow (client port), the worker that answered it.
+pub fn workers_of(topo: &Topology, ports: std::ops::Range<u16>, v6: bool) -> Vec<String> {
+    ports
+        .map(|p| {
+            let socket = topo.client_socket(v6, p);
+            let (reply, from) = ask(&socket, anycast(v6), b"which")
+                .unwrap_or_else(|| panic!("no reply for port {p}; logs:\n{}", topo.logs()));
+            assert_eq!(from, anycast(v6));
+            parse_echo(&reply).0
+        })
+        .collect()
 }

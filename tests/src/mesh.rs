@@ -48,6 +48,7 @@ impl Host {
             interface: "eth0".into(),
             mode: "generic".into(),
             wireguard: Vec::new(),
+            flows: Vec::new(),
         }
     }
 

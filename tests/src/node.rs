@@ -52,6 +52,8 @@ pub struct NodeSpec {
     pub mode: String,
     /// Extra `key = value` lines for the `[wireguard]` section.
     pub wireguard: Vec<String>,
+    /// Extra `key = value` lines for the `[flows]` section.
+    pub flows: Vec<String>,
 }
 
 impl NodeSpec {
@@ -63,6 +65,7 @@ impl NodeSpec {
             interface: interface.into(),
             mode: mode.into(),
             wireguard: Vec::new(),
+            flows: Vec::new(),
         }
     }
 }
@@ -95,13 +98,19 @@ impl Prepared {
              key_dir = \"{keys}\"\ncontrol_socket = \"{dir}/control.sock\"\n\
              {wireguard}\
              [xdp]\ninterface = \"{interface}\"\nmode = \"{mode}\"\n\
-             [source]\nfile = \"{dir}/routing.toml\"\n",
+             [source]\nfile = \"{dir}/routing.toml\"\n\
+             [flows]\n{flows}",
             id = spec.id,
             mesh = spec.mesh_address,
             keys = keys.display(),
             dir = dir.path().display(),
             interface = spec.interface,
             mode = spec.mode,
+            flows = spec
+                .flows
+                .iter()
+                .map(|l| format!("{l}\n"))
+                .collect::<String>(),
         );
         std::fs::write(dir.path().join("flynode.toml"), config).expect("config");
         Prepared {

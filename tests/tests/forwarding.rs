@@ -1,17 +1,24 @@
-//! End to end: client → anycast on an edge → mesh → worker → container, and back.
-use std::time::Duration;
+//! End to end: client → anycast on an edge → mesh → worker → container, and back, with
+//! real flynode daemons in network namespaces (see flynode_tests::forwarding).
+use std::net::UdpSocket;
+use std::time::{Duration, Instant};
 
-use flynode_tests::forwarding::{ServiceSpec, Topology, anycast, ask, client_addr, parse_echo};
+use flynode_tests::forwarding::{
+    ServiceSpec, Topology, anycast, ask, client_addr, counter, parse_echo, workers_of,
+};
 use flynode_tests::node::require_root;
+
+const MESH_UP: Duration = Duration::from_secs(20);
 
 #[test]
 fn a_container_sees_the_client_and_the_reply_comes_from_the_anycast_address() {
     require_root();
     // Node 1 is the edge the client uses; node 2 is the only worker.
     let topo = Topology::start(2, &[ServiceSpec::echo(&[2])]);
-    topo.wait_for_mesh(Duration::from_secs(15));
+    topo.wait_for_mesh(MESH_UP);
     for v6 in [false, true] {
-        let socket = topo.client_socket(v6, 40000 + u16::from(v6));
+        let port = 40000 + u16::from(v6);
+        let socket = topo.client_socket(v6, port);
         let (reply, from) = ask(&socket, anycast(v6), b"hello")
             .unwrap_or_else(|| panic!("no reply (v6={v6}); logs:\n{}", topo.logs()));
         assert_eq!(
@@ -21,12 +28,256 @@ fn a_container_sees_the_client_and_the_reply_comes_from_the_anycast_address() {
         );
         let (worker, saw) = parse_echo(&reply);
         assert_eq!(worker, "worker-2");
-        assert_eq!(saw, client_addr(v6, 40000 + u16::from(v6)));
+        assert_eq!(
+            saw,
+            client_addr(v6, port),
+            "the container must see the client"
+        );
         assert!(reply.ends_with("| hello"), "{reply}");
     }
+    // The edge forwarded through the mesh, the worker delivered and replied.
+    assert!(counter(topo.daemon(1), "edge_forwarded") >= 2);
+    assert!(counter(topo.daemon(2), "worker_delivered") >= 2);
+    assert!(counter(topo.daemon(2), "reply_forwarded") >= 2);
+    assert!(counter(topo.daemon(1), "client_replies") >= 2);
+}
+
+#[test]
+fn when_the_edge_is_the_worker_no_tunnel_is_crossed() {
+    require_root();
+    let topo = Topology::start(2, &[ServiceSpec::echo(&[1])]);
+    topo.wait_for_mesh(MESH_UP);
+    for v6 in [false, true] {
+        let socket = topo.client_socket(v6, 40100);
+        let (reply, from) = ask(&socket, anycast(v6), b"local").expect("reply");
+        assert_eq!(from, anycast(v6));
+        assert_eq!(
+            parse_echo(&reply),
+            ("worker-1".into(), client_addr(v6, 40100))
+        );
+    }
+    let edge = topo.daemon(1);
+    assert!(counter(edge, "edge_local") >= 2);
+    assert_eq!(counter(edge, "edge_forwarded"), 0);
+    assert!(counter(edge, "reply_local") >= 2);
+}
+
+#[test]
+fn flows_stick_to_their_worker_across_edges_and_only_a_dead_workers_flows_move() {
+    require_root();
+    // Nodes 1 and 2 are the edges, 3 and 4 the workers.
+    let topo = Topology::start(4, &[ServiceSpec::echo(&[3, 4])]);
+    topo.wait_for_mesh(MESH_UP);
+    let flows = 41000..41032;
+    let first = workers_of(&topo, flows.clone(), false);
+    let on3 = first.iter().filter(|w| *w == "worker-3").count();
+    assert!(
+        (4..=28).contains(&on3),
+        "32 flows should spread over both workers: {first:?}"
+    );
+    // Again through the same edge, then through the other edge: same workers.
+    assert_eq!(workers_of(&topo, flows.clone(), false), first);
+    topo.route_client_to(2);
+    assert_eq!(
+        workers_of(&topo, flows.clone(), false),
+        first,
+        "edge 2 must choose what edge 1 chose"
+    );
+    // The reply went back through edge 2, which received the flow.
+    let before1 = counter(topo.daemon(1), "client_replies");
+    workers_of(&topo, flows.clone(), false);
+    assert_eq!(counter(topo.daemon(1), "client_replies"), before1);
+    assert!(counter(topo.daemon(2), "client_replies") >= 32);
+
+    // Worker 3 dies without warning: its flows move to worker 4, the others stay.
+    let mut topo = topo;
+    let dead = topo.daemons[2].take().expect("node 3");
+    let _prepared = dead.kill();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let after = loop {
+        let now = workers_of(&topo, flows.clone(), false);
+        if now.iter().all(|w| w == "worker-4") || Instant::now() > deadline {
+            break now;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(after.iter().all(|w| w == "worker-4"), "{after:?}");
+    // Flows that were on worker 4 never moved: the edge's flow table says so.
+    let edge = topo.daemon(2).status();
+    assert_eq!(edge["forwarding"]["counters"]["edge_no_worker"], 0);
+}
+
+#[test]
+fn adding_a_worker_live_moves_a_bounded_share_and_only_to_it() {
+    require_root();
+    let topo = Topology::start(3, &[ServiceSpec::echo(&[2])]);
+    topo.wait_for_mesh(MESH_UP);
+    let old = 42000..42032;
+    assert!(
+        workers_of(&topo, old.clone(), false)
+            .iter()
+            .all(|w| w == "worker-2")
+    );
+    topo.set_services(&[ServiceSpec::echo(&[2, 3])]);
+    topo.wait_for_mesh(MESH_UP);
+    // Let the watcher apply the map everywhere (it checks the file every 25 ms).
+    std::thread::sleep(Duration::from_millis(500));
+    let moved = workers_of(&topo, old.clone(), false)
+        .iter()
+        .filter(|w| *w != "worker-2")
+        .count();
+    // Established flows stay pinned at their edge; at most the new worker's fair share
+    // could move.
+    assert!(moved <= 16, "{moved} of 32 flows moved");
+    let new = workers_of(&topo, 43000..43064, false);
+    let on3 = new.iter().filter(|w| *w == "worker-3").count();
+    assert!(
+        (12..=52).contains(&on3),
+        "new flows must use the new worker: {new:?}"
+    );
+}
+
+#[test]
+fn container_datagrams_that_match_no_flow_are_dropped_and_counted() {
+    require_root();
+    let topo = Topology::start(2, &[ServiceSpec::echo(&[2])]);
+    topo.wait_for_mesh(MESH_UP);
+    for v6 in [false, true] {
+        let client = topo.client_socket(v6, 44000);
+        let before = counter(topo.daemon(2), "reply_no_flow");
+        // The worker is on the client's LAN: without flynode's rules the kernel would
+        // route this straight to the client with the container's address as source.
+        topo.echoes[1].send_unasked(client_addr(v6, 44000), b"unasked");
+        let mut buf = [0u8; 64];
+        assert!(
+            client.recv_from(&mut buf).is_err(),
+            "an unmatched container datagram reached the client"
+        );
+        assert_eq!(counter(topo.daemon(2), "reply_no_flow"), before + 1);
+        // A real flow from the same client still works.
+        assert!(ask(&client, anycast(v6), b"after").is_some());
+    }
+}
+
+#[test]
+fn oversized_datagrams_are_answered_with_icmp_and_counted() {
+    require_root();
+    let topo = Topology::start(2, &[ServiceSpec::echo(&[2])]);
+    topo.wait_for_mesh(MESH_UP);
     let status = topo.daemon(1).status();
-    eprintln!(
-        "{}",
-        serde_json::to_string_pretty(&status["forwarding"]).unwrap()
+    for v6 in [false, true] {
+        let key = if v6 {
+            "max_payload_v6"
+        } else {
+            "max_payload_v4"
+        };
+        let max = status["forwarding"][key].as_u64().unwrap() as usize;
+        let client = topo.client_socket(v6, 45000);
+        // The largest that fits crosses; the echo's reply (a prefix longer) cannot fit
+        // the way back and is dropped at the worker, counted.
+        let delivered = counter(topo.daemon(2), "worker_delivered");
+        let reply_oversize = counter(topo.daemon(2), "reply_oversize");
+        client.send_to(&vec![b'x'; max], anycast(v6)).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(counter(topo.daemon(2), "worker_delivered"), delivered + 1);
+        assert_eq!(
+            counter(topo.daemon(2), "reply_oversize"),
+            reply_oversize + 1
+        );
+        let before = counter(topo.daemon(1), "edge_oversize");
+        let icmp_before = counter(topo.daemon(1), "icmp_sent");
+        client.send_to(&vec![b'y'; max + 1], anycast(v6)).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(counter(topo.daemon(1), "edge_oversize"), before + 1);
+        assert_eq!(counter(topo.daemon(1), "icmp_sent"), icmp_before + 1);
+        // The client's kernel learned the path MTU from our ICMP message.
+        let family = if v6 { "-6" } else { "-4" };
+        let out = topo
+            .client()
+            .command("ip")
+            .args([family, "route", "get", &anycast(v6).ip().to_string()])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let overhead = if v6 { 48 } else { 28 };
+        assert!(
+            text.contains(&format!("mtu {}", max + overhead)),
+            "the client did not learn the MTU: {text}"
+        );
+    }
+}
+
+#[test]
+fn a_flood_of_spoofed_flows_stays_bounded_and_real_flows_keep_working() {
+    require_root();
+    let topo = Topology::start_with(2, &[ServiceSpec::echo(&[2])], |spec| {
+        spec.flows.push("edge_max = 512".into());
+        spec.flows.push("worker_max = 512".into());
+    });
+    topo.wait_for_mesh(MESH_UP);
+    let legit = topo.client_socket(false, 46000);
+    assert!(ask(&legit, anycast(false), b"before").is_some());
+    // 5000 distinct source ports from the client: to the flow tables, as many new
+    // flows as a spoofer would make.
+    let mut sent = 0;
+    for round in 0..10u16 {
+        let sockets: Vec<UdpSocket> = (0..500)
+            .map(|i| topo.client_socket(false, 47000 + round * 500 + i))
+            .collect();
+        for s in &sockets {
+            s.send_to(b"flood", anycast(false)).unwrap();
+            sent += 1;
+        }
+        // The legitimate flow is used throughout.
+        assert!(
+            ask(&legit, anycast(false), b"during").is_some(),
+            "legitimate flow lost in round {round}"
+        );
+    }
+    assert_eq!(sent, 5000);
+    for n in [1, 2] {
+        let status = topo.daemon(n).status();
+        for table in ["edge_flows", "worker_flows"] {
+            let t = &status["forwarding"][table];
+            assert!(
+                t["active"].as_u64().unwrap() <= 512,
+                "{table} on node {n}: {t}"
+            );
+        }
+    }
+    let edge = topo.daemon(1).status();
+    assert!(
+        edge["forwarding"]["edge_flows"]["evicted"]
+            .as_u64()
+            .unwrap()
+            >= 4000
+    );
+}
+
+#[test]
+fn a_service_added_then_removed_while_traffic_runs() {
+    require_root();
+    let topo = Topology::start(2, &[]);
+    let client = topo.client_socket(true, 48000);
+    assert!(ask(&client, anycast(true), b"nobody").is_none());
+    topo.set_services(&[ServiceSpec::echo(&[2])]);
+    topo.wait_for_mesh(MESH_UP);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ask(&client, anycast(true), b"soon").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "service never answered: {}",
+            topo.logs()
+        );
+    }
+    let (reply, _) = ask(&client, anycast(true), b"on").expect("reply");
+    assert_eq!(parse_echo(&reply).1, client_addr(true, 48000));
+    topo.set_services(&[]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(ask(&client, anycast(true), b"off").is_none());
+    let w = topo.daemon(2).status();
+    assert_eq!(
+        w["forwarding"]["worker_flows"]["active"], 0,
+        "flows of a removed service stay"
     );
 }

@@ -60,8 +60,20 @@ pub fn flow_hash(flow: &[u8]) -> u64 {
     hash_bytes(SEED, flow)
 }
 
+/// 1/1, 1/3, ... 1/13: the coefficients of the series in [`ln_unit`] (correctly rounded
+/// at compile time, so the same everywhere).
+const ODD_RECIPROCALS: [f64; 7] = [
+    1.0,
+    1.0 / 3.0,
+    1.0 / 5.0,
+    1.0 / 7.0,
+    1.0 / 9.0,
+    1.0 / 11.0,
+    1.0 / 13.0,
+];
+
 /// `ln(x)` for `x` in (0, 1], from IEEE basic operations only, so it is bit-identical on
-/// every machine. Relative error below 1e-15, far finer than weights need.
+/// every machine. Relative error below 1e-11, far finer than weights need.
 fn ln_unit(x: f64) -> f64 {
     // x = m * 2^e with m in [sqrt(1/2), sqrt(2)); ln x = e ln 2 + ln m, and with
     // s = (m - 1) / (m + 1), |s| <= 0.172: ln m = 2 (s + s^3/3 + s^5/5 + ...).
@@ -74,10 +86,11 @@ fn ln_unit(x: f64) -> f64 {
     }
     let s = (m - 1.0) / (m + 1.0);
     let s2 = s * s;
-    // s2 <= 0.0295: the first term left out, s^23/23, is below 1e-19 of the sum.
-    let mut series = 1.0 / 21.0;
-    for k in (0..10).rev() {
-        series = series * s2 + 1.0 / f64::from(2 * k + 1);
+    // s2 <= 0.0295: the first term left out, s^15/15, is below 2e-12 of the sum (ample:
+    // what matters is that every machine computes the same value, not the last digit).
+    let mut series = 0.0;
+    for c in ODD_RECIPROCALS.iter().rev() {
+        series = series * s2 + c;
     }
     e as f64 * std::f64::consts::LN_2 + 2.0 * s * series
 }
@@ -277,10 +290,10 @@ mod tests {
     fn the_logarithm_matches_libm() {
         let mut x = 1.0f64;
         while x > 1e-16 {
-            for y in [x, x * 0.7071, x * 0.7072, x * 0.99999] {
+            for y in [x, x * 0.707, x * 0.708, x * 0.99999] {
                 let (ours, libm) = (ln_unit(y), y.ln());
                 assert!(
-                    ((ours - libm) / libm).abs() < 1e-15 || (ours - libm).abs() < 1e-16,
+                    ours == libm || ((ours - libm) / libm).abs() < 1e-11,
                     "{y}: {ours} vs {libm}"
                 );
             }

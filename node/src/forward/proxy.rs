@@ -329,7 +329,9 @@ pub enum EncodeError {
     },
 }
 
-/// Decodes a header at the start of `bytes`; returns the header and the number of bytes it occupies (the payload is bytes[len..]).
+/// Decodes the header at the start of `bytes`; returns it and the number of bytes it takes.
+///
+/// The payload is `bytes[len..]`; the header's TLVs borrow from `bytes`.
 pub fn decode(bytes: &[u8]) -> Result<(Header<'_>, usize), DecodeError> {
     // A short input is only "truncated" if what there is could still be a header.
     if !(bytes.starts_with(&SIGNATURE) || SIGNATURE.starts_with(bytes)) {
@@ -377,15 +379,7 @@ pub fn decode(bytes: &[u8]) -> Result<(Header<'_>, usize), DecodeError> {
         tlvs: &[],
     };
     let tlv_start = FIXED_LEN + addr_len;
-    let (Some(addr), Some(tlvs)) = (header.get(FIXED_LEN..tlv_start), header.get(tlv_start..))
-    else {
-        // Unreachable: `block_len >= addr_len` was checked above.
-        return Err(DecodeError::AddressBlockTooShort {
-            family,
-            needed: addr_len,
-            have: block_len,
-        });
-    };
+    let addr = header.get(FIXED_LEN..tlv_start).unwrap_or_default();
     let addresses = match family {
         // See the module docs: no layout to find TLVs in, so the block is skipped.
         Family::Unspec => return Ok((unspec, total)),
@@ -399,15 +393,13 @@ pub fn decode(bytes: &[u8]) -> Result<(Header<'_>, usize), DecodeError> {
         }),
         Family::Unix => Some(Addresses::Unix),
     };
-    let Some(addresses) = addresses else {
-        // Unreachable: `addr` is exactly the family's block length.
-        return Err(DecodeError::AddressBlockTooShort {
-            family,
-            needed: addr_len,
-            have: addr.len(),
-        });
-    };
-    check_tlvs(header, tlv_start)?;
+    // Always `Some`: `block_len >= addr_len` was checked above.
+    let addresses = addresses.ok_or(DecodeError::AddressBlockTooShort {
+        family,
+        needed: addr_len,
+        have: block_len,
+    })?;
+    let tlvs = check_tlvs(header, tlv_start)?;
     Ok((
         Header {
             addresses,
@@ -418,9 +410,10 @@ pub fn decode(bytes: &[u8]) -> Result<(Header<'_>, usize), DecodeError> {
     ))
 }
 
-/// Writes a PROXY-command DGRAM header for src→dst (same family required) plus the given TLVs into `out`; returns its length.
+/// Writes a PROXY DGRAM header for `src` → `dst` plus `tlvs` at the start of `out`; returns its length.
 ///
-/// IPv6 flow info and scope id are not representable and are dropped. A [`TLV_CRC32C`]
+/// `src` and `dst` must be of the same family; IPv4-mapped IPv6 addresses are sent as
+/// INET6 as they are. IPv6 flow info and scope id are not representable and are dropped. A [`TLV_CRC32C`]
 /// entry is a placeholder (4 bytes, at most one): its value is computed here.
 pub fn encode_udp(
     src: SocketAddr,
@@ -587,10 +580,11 @@ fn split_tlv(bytes: &[u8]) -> Option<(Tlv<'_>, &[u8])> {
 }
 
 /// Checks that the TLVs from `start` tile `header` exactly and that a CRC32C TLV, if
-/// any, matches the header.
-fn check_tlvs(header: &[u8], start: usize) -> Result<(), DecodeError> {
+/// any, matches the header; returns the TLV area.
+fn check_tlvs(header: &[u8], start: usize) -> Result<&[u8], DecodeError> {
+    let area = header.get(start..).unwrap_or_default();
     let mut offset = start;
-    let mut rest = header.get(start..).unwrap_or_default();
+    let mut rest = area;
     let mut crc: Option<(usize, u32)> = None;
     while !rest.is_empty() {
         let Some((tlv, next)) = split_tlv(rest) else {
@@ -621,7 +615,7 @@ fn check_tlvs(header: &[u8], start: usize) -> Result<(), DecodeError> {
             return Err(DecodeError::BadChecksum { expected, computed });
         }
     }
-    Ok(())
+    Ok(area)
 }
 
 /// Byte-wise table for CRC32C (Castagnoli, reflected polynomial 0x82F63B78). Headers are
