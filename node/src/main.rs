@@ -421,5 +421,48 @@ fn status(config: &Path, socket: Option<PathBuf>, json: bool) -> anyhow::Result<
     if !drops.is_empty() {
         println!("  dropped: {}", drops.join(", "));
     }
+    let fwd = &status.forwarding;
+    println!(
+        "flows     edge {}/{} ({} evicted, {} expired), worker {}/{} ({} evicted, {} expired); largest client datagram {} B (IPv4), {} B (IPv6)",
+        fwd.edge_flows.active,
+        fwd.edge_flows.capacity,
+        fwd.edge_flows.evicted,
+        fwd.edge_flows.expired,
+        fwd.worker_flows.active,
+        fwd.worker_flows.capacity,
+        fwd.worker_flows.evicted,
+        fwd.worker_flows.expired,
+        fwd.max_payload_v4,
+        fwd.max_payload_v6
+    );
+    for (id, workers) in &fwd.workers {
+        let list: Vec<String> = workers
+            .iter()
+            .map(|w| {
+                format!(
+                    "{}{} (weight {}, {})",
+                    w.node,
+                    if w.local { " [this node]" } else { "" },
+                    w.weight,
+                    if w.healthy { "healthy" } else { "DOWN" }
+                )
+            })
+            .collect();
+        println!("  service {id:<8} workers: {}", list.join(", "));
+    }
+    let counters: Vec<String> = fwd
+        .counters
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    println!(
+        "forwarding {}",
+        if counters.is_empty() {
+            "idle".to_owned()
+        } else {
+            counters.join(", ")
+        }
+    );
     Ok(())
 }

@@ -281,3 +281,36 @@ fn a_service_added_then_removed_while_traffic_runs() {
         "flows of a removed service stay"
     );
 }
+
+#[test]
+fn a_proxy_protocol_service_gets_the_header_intact() {
+    require_root();
+    let mut service = ServiceSpec::echo(&[2]);
+    service.proxy_protocol = true;
+    let topo = Topology::start(2, &[service]);
+    topo.wait_for_mesh(MESH_UP);
+    for v6 in [false, true] {
+        let client = topo.client_socket(v6, 49000);
+        let mut buf = [0u8; 2048];
+        let n = (0..10)
+            .find_map(|_| {
+                client.send_to(b"payload", anycast(v6)).unwrap();
+                client.recv(&mut buf).ok()
+            })
+            .expect("reply");
+        let reply = &buf[..n];
+        let at = reply
+            .windows(3)
+            .position(|w| w == b" | ")
+            .expect("echo format")
+            + 3;
+        let (header, len) = flynode::forward::proxy::decode(&reply[at..]).expect("PROXY v2");
+        assert_eq!(
+            header.endpoints(),
+            Some((client_addr(v6, 49000), anycast(v6))),
+            "the header names the client and the anycast address"
+        );
+        assert_eq!(header.tlvs().count(), 0);
+        assert_eq!(&reply[at + len..], b"payload");
+    }
+}

@@ -352,3 +352,58 @@ fn garbled_map_never_panics_and_errors_stay_one_line() {
         }
     }
 }
+
+#[test]
+fn every_worker_needs_a_container_in_each_family_the_service_uses() {
+    let e = err_with(
+        r#"target = ["198.18.200.3:53", "[fd00:c::3]:53"]"#,
+        r#"target = "198.18.200.3:53""#,
+    );
+    assert!(
+        e.starts_with("/etc/flynode/routing.toml:25:12: service[0].worker[1].target: the service has IPv6 anycast addresses, so each worker needs an IPv6 container address"),
+        "{e}"
+    );
+    let e = err_with(
+        r#"target = ["198.18.200.3:53", "[fd00:c::3]:53"]"#,
+        r#"target = ["198.18.200.3:53", "198.18.200.4:53"]"#,
+    );
+    assert!(
+        e.ends_with("at most one IPv4 and one IPv6 container address per worker"),
+        "{e}"
+    );
+    let e = err_with(
+        r#"target = ["198.18.200.3:53", "[fd00:c::3]:53"]"#,
+        r#"target = []"#,
+    );
+    assert!(
+        e.ends_with("must list at least one container address"),
+        "{e}"
+    );
+    let e = err_with(
+        r#"target = ["198.18.200.3:53", "[fd00:c::3]:53"]"#,
+        r#"target = ["0.0.0.0:53", "[fd00:c::3]:53"]"#,
+    );
+    assert!(
+        e.ends_with("0.0.0.0:53 cannot be a container address"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_single_family_service_takes_a_single_target_string() {
+    let text = VALID.replace(
+        r#"anycast = ["198.18.100.1", "2001:db8:100::1"]"#,
+        r#"anycast = ["198.18.100.1"]"#,
+    );
+    let text = text.replace(
+        r#"target = ["198.18.200.2:53", "[fd00:c::2]:53"]"#,
+        r#"target = "198.18.200.2:53""#,
+    );
+    let map = parse(&text).unwrap();
+    let dns = &map.services[&ServiceId::new(1).unwrap()];
+    assert_eq!(
+        dns.workers[0].target_for(false),
+        Some("198.18.200.2:53".parse().unwrap())
+    );
+    assert_eq!(dns.workers[0].target_for(true), None);
+}
