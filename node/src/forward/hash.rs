@@ -9,7 +9,7 @@
 //!
 //! For each candidate, `h = hash(flow, candidate id)` is mapped to `u` in the open
 //! interval (0, 1) and scored `weight / -ln(u)`; the highest score wins (ties, which need
-//! equal weights and a 53-bit collision, go to the smallest id). `-ln(u)` is exponentially
+//! equal weights and a 52-bit collision, go to the smallest id). `-ln(u)` is exponentially
 //! distributed, so a score is exponential with rate `1/weight` and a candidate wins with
 //! probability `weight / total weight` (Schindelhauer and Schomaker, "Weighted Distributed
 //! Hash Tables", 2005). A candidate's score does not depend on the other candidates: when
@@ -99,8 +99,9 @@ fn ln_unit(x: f64) -> f64 {
 /// whose [`flow_hash`] is `flow`.
 fn score(flow: u64, id: &[u8], weight: u32) -> f64 {
     let h = hash_bytes(flow, id);
-    // The top 53 bits, centred in their interval: u is never 0 or 1, so -ln(u) > 0.
-    let u = ((h >> 11) as f64 + 0.5) * (1.0 / (1u64 << 53) as f64);
+    // The top 52 bits, centred in their interval (exact: 53 significant bits at most), so
+    // u is in [2^-53, 1 - 2^-53], never 0 or 1, and -ln(u) > 0.
+    let u = ((h >> 12) as f64 + 0.5) * (1.0 / (1u64 << 52) as f64);
     f64::from(weight) / -ln_unit(u)
 }
 
@@ -227,7 +228,7 @@ mod tests {
 
     #[test]
     fn identical_candidates_resolve_to_the_first() {
-        // Different ids never tie in practice (equal weights and a 53-bit collision), so
+        // Different ids never tie in practice (equal weights and a 52-bit collision), so
         // only a duplicated id shows the tie rule: the first of equals is kept.
         let ws = workers(&[("a", 1), ("a", 1)]);
         let c = choose(b"x", &ws, |w| w.id.as_bytes(), |w| w.weight).unwrap();
