@@ -1,21 +1,28 @@
-//! `flynode demo`: a throwaway topology on this machine that shows the XDP classifier at
-//! work. Two network namespaces joined by a veth: `client` sends datagrams, `edge` runs a
-//! real `flynode run` with the program attached to its end. The demo prints what it sent
-//! and the live counters the daemon reports, then tears everything down, also on Ctrl-C.
-//! (The end-to-end forwarding demo, client → edge → worker → container, replaces this
-//! once forwarding exists.)
+//! `flynode demo`: the whole data path on one machine. A throwaway topology of network
+//! namespaces (a client, two edges, two workers with a container each, on a LAN bridge;
+//! see [`topology`]) runs four real `flynode run` processes. The containers run a UDP
+//! echo and a small DNS server ([`services`]); the client sends a few flows over IPv4 and
+//! IPv6, switches its route from edge 1 to edge 2 halfway, and the demo prints each
+//! datagram's trip ([`trip`]): the edge and worker it crossed (from the nodes' own
+//! forwarding counters), the source address the container saw, and the address the
+//! reply came from. Everything is torn down at the end, also on Ctrl-C, and the demo
+//! exits non-zero if any trip went wrong.
+mod dns;
+mod services;
+mod topology;
+mod trip;
+
 use std::io::Write as _;
-use std::net::{SocketAddr, UdpSocket};
-use std::path::Path;
-use std::process::Stdio;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use flynode_xdp_common::Counter;
 
-use crate::control;
-use crate::netns::{ChildGuard, Netns, veth, wait_for};
+use topology::{
+    DNS, ECHO, EDGES, Topology, WORKERS, client_ip, container_ip, container_name, lan, node_id,
+};
+use trip::{Flow, Trip};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -23,22 +30,13 @@ extern "C" fn on_interrupt(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
+/// Every wait in the demo calls this, so Ctrl-C unwinds to the teardown within a
+/// fraction of a second.
 fn check_interrupted() -> anyhow::Result<()> {
     if INTERRUPTED.load(Ordering::SeqCst) {
         bail!("interrupted: tearing the demo topology down");
     }
     Ok(())
-}
-
-const ANYCAST_V4: &str = "198.18.100.1";
-const ANYCAST_V6: &str = "2001:db8:100::1";
-const SERVICE_PORT: u16 = 53;
-
-struct Send {
-    what: &'static str,
-    to: SocketAddr,
-    count: usize,
-    expect: Counter,
 }
 
 pub fn run() -> anyhow::Result<()> {
@@ -55,245 +53,274 @@ pub fn run() -> anyhow::Result<()> {
                 .context("installing the Ctrl-C handler")?;
         }
     }
-    let result = run_topology();
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        println!("interrupted: namespaces and the daemon are gone");
-    }
-    result
+    let started = Instant::now();
+    println!("== flynode demo: client → edge → worker → container, and back ==\n");
+    let result = Topology::build().and_then(|mut topology| {
+        let outcome = tell(&mut topology);
+        teardown(topology);
+        outcome
+    });
+    remove_leftovers();
+    let trips = match result {
+        Ok(trips) => trips,
+        // Ctrl-C also reaches the `ip` commands the demo runs; their failure is not news.
+        Err(_) if INTERRUPTED.load(Ordering::SeqCst) => {
+            bail!("interrupted: the daemons are stopped and the namespaces removed")
+        }
+        Err(e) => return Err(e),
+    };
+    println!(
+        "\n✓ {trips} datagrams made the round trip in {:.1} s: each container saw the client's own \
+         address,\n  every reply came from the anycast address through the edge the request used, \
+         and every\n  flow kept its worker when the client moved to the other edge",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
-fn run_topology() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir().context("creating a temporary directory")?;
-    println!("== flynode demo: XDP classifier on a veth ==");
-    let client = Netns::create("client")?;
-    let edge = Netns::create("edge")?;
-    veth(&client, "eth0", &edge, "eth0")?;
-    for (ns, v4, v6) in [
-        (&client, "198.18.0.2/24", "2001:db8::2/64"),
-        (&edge, "198.18.0.1/24", "2001:db8::1/64"),
-    ] {
-        ns.ip(&["addr", "add", v4, "dev", "eth0"])?;
-        ns.ip(&["addr", "add", v6, "dev", "eth0", "nodad"])?;
-    }
-    edge.ip(&["addr", "add", &format!("{ANYCAST_V4}/32"), "dev", "lo"])?;
-    edge.ip(&["addr", "add", &format!("{ANYCAST_V6}/128"), "dev", "lo"])?;
-    client.ip(&[
-        "route",
-        "add",
-        &format!("{ANYCAST_V4}/32"),
-        "via",
-        "198.18.0.1",
-    ])?;
-    client.ip(&[
-        "-6",
-        "route",
-        "add",
-        &format!("{ANYCAST_V6}/128"),
-        "via",
-        "2001:db8::1",
-    ])?;
-    println!(
-        "namespaces: {} (198.18.0.2, 2001:db8::2) <-veth-> {} (198.18.0.1, 2001:db8::1; anycast {ANYCAST_V4}, {ANYCAST_V6})",
-        client.name(),
-        edge.name()
-    );
-
-    let config = write_demo_files(dir.path())?;
-    let log_path = dir.path().join("flynode.log");
-    let log = std::fs::File::create(&log_path)?;
-    let exe = std::env::current_exe().context("finding the flynode binary")?;
-    let exe = exe.to_str().context("flynode's path is not UTF-8")?;
-    let daemon = ChildGuard::spawn(
-        edge.command(exe)
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log),
-    )?;
-    let socket = dir.path().join("control.sock");
-    let status = wait_for(Duration::from_secs(10), || {
-        check_interrupted().ok()?;
-        control::status(&socket).ok()
-    })
-    .with_context(|| {
-        format!(
-            "the daemon did not come up; its log:\n{}",
-            std::fs::read_to_string(&log_path).unwrap_or_default()
-        )
-    })?;
-    println!(
-        "flynode {} running in {}: XDP {} mode on {}, {} service endpoint(s)",
-        status.version,
-        edge.name(),
-        status.xdp.mode,
-        status.xdp.interface,
-        status.routing.service_endpoints
-    );
-
-    // The classifier hands service datagrams to the daemon (AF_XDP, or its service
-    // sockets), which counts them per service until forwarding consumes them.
-    let plan = plan();
-    edge.enter(|| client_send(&client, &plan))??;
-    std::thread::sleep(Duration::from_millis(300));
-    check_interrupted()?;
-
-    let status = control::status(&socket)?;
-    println!(
-        "\n{:<46} {:>6}  {:<24}",
-        "sent from the client", "count", "expected counter"
-    );
-    for s in &plan {
-        println!(
-            "{:<46} {:>6}  {}",
-            format!("{} ({})", s.what, s.to),
-            s.count,
-            s.expect.name()
-        );
-    }
-    println!("\ningress: {}", status.xdp.backend);
-    for (id, t) in &status.xdp.services {
-        println!(
-            "service {id} received {} datagram(s), {} bytes, in the daemon",
-            t.datagrams, t.bytes
-        );
-    }
-    println!("\n{:<26} {:<10} {:>8}", "XDP counter", "verdict", "frames");
-    for c in Counter::ALL {
-        let v = status.xdp.counters.get(c.name()).copied().unwrap_or(0);
-        println!("{:<26} {:<10} {:>8}", c.name(), c.verdict().name(), v);
-    }
-    println!("(pass_not_ip / pass_not_udp include the kernel's own ARP and neighbour discovery)");
-    let exit = daemon.terminate(Duration::from_secs(5))?;
-    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-    println!("\ndaemon log:");
-    for line in log.lines() {
-        println!("  {line}");
-    }
-    println!("daemon stopped ({exit}); removing namespaces");
-    std::io::stdout().flush()?;
-    // Service and unserved-port datagrams are only ever ours, so those counters must
-    // hold exactly what was sent; the pass counters also see the kernel's own traffic.
-    let mut sent: std::collections::BTreeMap<&str, u64> = Default::default();
-    for s in &plan {
-        *sent.entry(s.expect.name()).or_default() += s.count as u64;
-    }
-    for (name, want) in sent {
-        let got = status.xdp.counters.get(name).copied().unwrap_or(0);
-        let exact = matches!(name, "userspace_service" | "drop_unknown_port");
-        if (exact && got != want) || got < want {
-            bail!("counter {name} is {got}, but {want} such datagrams were sent");
+/// Deletes any namespace this process created that a guard does not cover: one whose
+/// `ip netns add` was interrupted by Ctrl-C after creating it. Only names carrying this
+/// process's PID (see [`crate::netns::Netns::create`]) are touched.
+fn remove_leftovers() {
+    let Ok(out) = crate::netns::run(std::process::Command::new("ip").args(["netns", "list"]))
+    else {
+        return;
+    };
+    let pid = std::process::id().to_string();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        let parts: Vec<&str> = name.split('-').collect();
+        if let ["fn", _, p, _] = parts[..]
+            && p == pid
+        {
+            let _ =
+                crate::netns::run(std::process::Command::new("ip").args(["netns", "del", name]));
         }
+    }
+}
+
+/// The story; returns the number of trips when every check passed.
+fn tell(topology: &mut Topology) -> anyhow::Result<usize> {
+    print_topology(topology);
+    println!(
+        "\nstarting `flynode run` on node-1..4 (keys, configs, routing map and logs in {})",
+        topology.dir().display()
+    );
+    let statuses = topology.start_daemons()?;
+    for s in &statuses {
+        println!(
+            "  {:<7} flynode {} up: XDP {} on {}, ingress {}; mesh {} (mtu {}), {} peers",
+            s.node_id,
+            s.version,
+            s.xdp.mode,
+            s.xdp.interface,
+            s.xdp.backend,
+            s.mesh.interface,
+            s.mesh.mtu,
+            s.mesh.peers.len(),
+        );
+    }
+    print!("waiting until every node sees both workers healthy (WireGuard sessions up) ... ");
+    std::io::stdout().flush()?;
+    let took = topology.wait_for_mesh(Duration::from_secs(20))?;
+    println!("{:.1} s", took.as_secs_f64());
+    std::thread::sleep(Duration::from_secs(3)); // DEBUG
+
+    let flows = [
+        ('A', &ECHO, false, 40001),
+        ('B', &ECHO, false, 40002),
+        ('C', &ECHO, true, 40003),
+        ('D', &ECHO, true, 40004),
+        ('E', &DNS, false, 40053),
+        ('F', &DNS, true, 40054),
+    ]
+    .into_iter()
+    .map(|(label, service, v6, port)| {
+        Flow::open(
+            &topology.client,
+            label,
+            service,
+            SocketAddr::new(client_ip(v6), port),
+        )
+    })
+    .collect::<anyhow::Result<Vec<Flow>>>()?;
+
+    println!(
+        "\nlegend: → plain IP on a link   ⇒ through the WireGuard mesh (a PROXY v2 header, then \
+         the datagram, encrypted)\n        path from the nodes' forwarding counters \
+         (edge_forwarded, worker_delivered, reply_forwarded, client_replies)"
+    );
+    let mut trips: Vec<(usize, Trip)> = Vec::new();
+    for (phase, &edge) in EDGES.iter().enumerate() {
+        topology.route_client_to(edge)?;
+        if phase == 0 {
+            println!(
+                "\n── the client's routes to the anycast prefixes point at edge {} ({}) ──",
+                node_id(edge),
+                lan(edge, false)
+            );
+        } else {
+            println!(
+                "\n── route switched: the client now reaches the anycast prefixes through edge {} ({}) ──",
+                node_id(edge),
+                lan(edge, false)
+            );
+        }
+        for (i, flow) in flows.iter().enumerate() {
+            let trip = Trip::run(flow, trips.len() + 1, edge, &topology.nodes)?;
+            trip.print(flow);
+            for problem in trip.problems(flow) {
+                println!("     ✗ {problem}");
+            }
+            trips.push((i, trip));
+        }
+    }
+
+    print_switch(&flows, &trips);
+    print_counters(topology)?;
+
+    let mut problems = 0;
+    for (i, trip) in &trips {
+        problems += trip.problems(&flows[*i]).len();
+    }
+    for (i, flow) in flows.iter().enumerate() {
+        if !kept_worker(&trips, i) {
+            problems += 1;
+            println!(
+                "✗ flow {} changed worker when the client changed edge",
+                flow.label
+            );
+        }
+    }
+    if problems > 0 {
+        bail!("{problems} check(s) failed (marked ✗ above)");
+    }
+    Ok(trips.len())
+}
+
+fn print_topology(topology: &Topology) {
+    println!(
+        "topology: {} network namespaces on a LAN bridge (198.18.10.0/24, 2001:db8:10::/64), removed at the end",
+        topology.namespaces()
+    );
+    println!(
+        "  client  {:<14} {:<18} sends the traffic",
+        client_ip(false).to_string(),
+        client_ip(true).to_string()
+    );
+    for n in EDGES {
+        println!(
+            "  {:<7} {:<14} {:<18} edge: the anycast addresses on lo, XDP on eth0",
+            node_id(n),
+            lan(n, false).to_string(),
+            lan(n, true).to_string()
+        );
+    }
+    for n in WORKERS {
+        println!(
+            "  {:<7} {:<14} {:<18} worker: container {} behind it at {}, {}",
+            node_id(n),
+            lan(n, false).to_string(),
+            lan(n, true).to_string(),
+            container_name(n),
+            container_ip(n, false),
+            container_ip(n, true)
+        );
+    }
+    println!("services (the routing map every node reads), both served by node-3 and node-4:");
+    for s in topology::SERVICES {
+        let what = match s.kind {
+            topology::Kind::Echo => "UDP echo: replies \"<container> saw <source> | <payload>\"",
+            topology::Kind::Dns => "DNS: demo.flynode.test A and AAAA, with NSID and a whoami TXT",
+        };
+        println!(
+            "  {:<5} {:<17} {:<22} {what}",
+            s.name,
+            s.anycast(false).to_string(),
+            s.anycast(true).to_string(),
+        );
+    }
+}
+
+/// Whether flow `i` was served by the same worker before and after the switch.
+fn kept_worker(trips: &[(usize, Trip)], i: usize) -> bool {
+    let workers: Vec<Option<u8>> = trips
+        .iter()
+        .filter(|(f, _)| *f == i)
+        .map(|(_, t)| t.worker())
+        .collect();
+    workers.first().is_some_and(|w| w.is_some()) && workers.windows(2).all(|w| w[0] == w[1])
+}
+
+fn print_switch(flows: &[Flow], trips: &[(usize, Trip)]) {
+    println!(
+        "\n── each flow across the switch (rendezvous hashing: every edge picks the same worker) ──"
+    );
+    println!(
+        "{:<5} {:<10} {:<26} {:<20} {:<20} worker",
+        "flow", "service", "client", "before", "after"
+    );
+    for (i, flow) in flows.iter().enumerate() {
+        let legs: Vec<String> = trips
+            .iter()
+            .filter(|(f, _)| *f == i)
+            .map(|(_, t)| {
+                let name = |n: Option<u8>| n.map_or_else(|| "?".into(), node_id);
+                format!("{} ⇒ {}", name(t.edge()), name(t.worker()))
+            })
+            .collect();
+        println!(
+            "{:<5} {:<10} {:<26} {:<20} {:<20} {}",
+            flow.label,
+            format!("{} {}", flow.service.name, flow.family()),
+            flow.client.to_string(),
+            legs.first().map_or("-", String::as_str),
+            legs.get(1).map_or("-", String::as_str),
+            if kept_worker(trips, i) {
+                "kept ✓"
+            } else {
+                "changed ✗"
+            }
+        );
+    }
+}
+
+fn print_counters(topology: &Topology) -> anyhow::Result<()> {
+    println!("\n── forwarding counters, as `flynode status --json` shows them ──");
+    let columns = [
+        "edge_forwarded",
+        "worker_delivered",
+        "reply_forwarded",
+        "client_replies",
+        "reply_no_flow",
+    ];
+    print!("{:<7}", "node");
+    for c in columns {
+        print!(" {c:>16}");
+    }
+    println!(" {:>11} {:>12}", "edge flows", "worker flows");
+    for node in &topology.nodes {
+        let f = node.status()?.forwarding;
+        print!("{:<7}", node.id());
+        for c in columns {
+            print!(" {:>16}", f.counters.get(c).copied().unwrap_or(0));
+        }
+        println!(" {:>11} {:>12}", f.edge_flows.active, f.worker_flows.active);
     }
     Ok(())
 }
 
-fn anycast_v6() -> std::net::IpAddr {
-    std::net::IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 1))
-}
-
-fn plan() -> Vec<Send> {
-    let v4 = |port: u16| SocketAddr::new(std::net::Ipv4Addr::new(198, 18, 100, 1).into(), port);
-    let v6 = |port: u16| SocketAddr::new(anycast_v6(), port);
-    vec![
-        Send {
-            what: "service, IPv4",
-            to: v4(SERVICE_PORT),
-            count: 5,
-            expect: Counter::UserspaceService,
-        },
-        Send {
-            what: "service, IPv6",
-            to: v6(SERVICE_PORT),
-            count: 5,
-            expect: Counter::UserspaceService,
-        },
-        Send {
-            what: "unserved port, IPv4",
-            to: v4(5353),
-            count: 3,
-            expect: Counter::DropUnknownPort,
-        },
-        Send {
-            what: "unserved port, IPv6",
-            to: v6(5353),
-            count: 3,
-            expect: Counter::DropUnknownPort,
-        },
-        Send {
-            what: "the edge's own address",
-            to: SocketAddr::new(std::net::Ipv4Addr::new(198, 18, 0, 1).into(), 9),
-            count: 4,
-            expect: Counter::PassNotService,
-        },
-    ]
-}
-
-fn client_send(client: &Netns, sends: &[Send]) -> std::io::Result<()> {
-    client.enter(|| -> std::io::Result<()> {
-        for s in sends {
-            let unspecified: std::net::IpAddr = if s.to.is_ipv4() {
-                std::net::Ipv4Addr::UNSPECIFIED.into()
-            } else {
-                std::net::Ipv6Addr::UNSPECIFIED.into()
-            };
-            let sock = UdpSocket::bind((unspecified, 0))?;
-            for i in 0..s.count {
-                sock.send_to(format!("flynode demo datagram {i}").as_bytes(), s.to)?;
-            }
+fn teardown(mut topology: Topology) {
+    println!("\ntearing down: stopping the daemons (SIGTERM) and the containers' services");
+    for (node, exit) in topology.stop() {
+        match exit {
+            Ok(status) if status.success() => println!("  {node}: flynode exited cleanly"),
+            Ok(status) => println!("  {node}: flynode stopped ({status})"),
+            Err(e) => println!("  {node}: could not stop flynode: {e}"),
         }
-        Ok(())
-    })?
-}
-
-fn write_demo_files(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
-    let keys = dir.join("keys");
-    let key_dir = flynode_keys::KeyDir::create(&keys)?;
-    let public = key_dir.generate(false)?;
-    let routing = dir.join("routing.toml");
-    std::fs::write(
-        &routing,
-        format!(
-            r#"[[node]]
-id = "demo-edge"
-region = "demo"
-public_key = "{public}"
-endpoint = "198.18.0.1:51820"
-mesh_address = "fd00:f1::1"
-
-[[service]]
-id = 1
-name = "dns"
-anycast = ["{ANYCAST_V4}", "{ANYCAST_V6}"]
-ports = [{SERVICE_PORT}]
-  [[service.worker]]
-  node = "demo-edge"
-  target = "198.18.200.2:53"
-"#
-        ),
-    )?;
-    let config = dir.join("flynode.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"node_id = "demo-edge"
-region = "demo"
-mesh_address = "fd00:f1::1"
-key_dir = "{keys}"
-control_socket = "{socket}"
-
-[xdp]
-interface = "eth0"
-mode = "auto"
-
-[source]
-file = "{routing}"
-"#,
-            keys = keys.display(),
-            socket = dir.join("control.sock").display(),
-            routing = routing.display(),
-        ),
-    )?;
-    Ok(config)
+    }
+    let namespaces = topology.namespaces();
+    let dir = topology.dir().display().to_string();
+    drop(topology);
+    println!("  removed {namespaces} network namespaces and {dir}");
 }

@@ -433,13 +433,25 @@ pub fn counter(daemon: &Daemon, name: &str) -> u64 {
 
 /// For each flow (client port), the worker that answered it.
 pub fn workers_of(topo: &Topology, ports: std::ops::Range<u16>, v6: bool) -> Vec<String> {
+    try_workers_of(topo, ports.clone(), v6)
+        .into_iter()
+        .zip(ports)
+        .map(|(w, p)| w.unwrap_or_else(|| panic!("no reply for port {p}; logs:\n{}", topo.logs())))
+        .collect()
+}
+
+/// As [`workers_of`], `None` for a flow that got no reply.
+pub fn try_workers_of(
+    topo: &Topology,
+    ports: std::ops::Range<u16>,
+    v6: bool,
+) -> Vec<Option<String>> {
     ports
         .map(|p| {
             let socket = topo.client_socket(v6, p);
-            let (reply, from) = ask(&socket, anycast(v6), b"which")
-                .unwrap_or_else(|| panic!("no reply for port {p}; logs:\n{}", topo.logs()));
+            let (reply, from) = ask(&socket, anycast(v6), b"which")?;
             assert_eq!(from, anycast(v6));
-            parse_echo(&reply).0
+            Some(parse_echo(&reply).0)
         })
         .collect()
 }

@@ -14,7 +14,6 @@ pub const TYPE_AAAA: u16 = 28;
 const TYPE_OPT: u16 = 41;
 const CLASS_IN: u16 = 1;
 const OPTION_NSID: u16 = 3;
-const HEADER: usize = 12;
 /// The classic UDP limit; the size we advertise in OPT.
 const UDP_PAYLOAD: u16 = 512;
 
@@ -298,10 +297,6 @@ impl<'a> Reader<'a> {
             .ok_or(DnsError::Truncated(self.at))?;
         self.at += n;
         Ok(out)
-    }
-
-    fn u8(&mut self) -> Result<u8, DnsError> {
-        Ok(self.take(1)?[0])
     }
 
     fn u16(&mut self) -> Result<u16, DnsError> {

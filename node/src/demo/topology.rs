@@ -153,7 +153,8 @@ impl Node {
     }
 
     pub fn status(&self) -> anyhow::Result<Status> {
-        control::status(&self.socket()).with_context(|| format!("asking {} for its status", self.id()))
+        control::status(&self.socket())
+            .with_context(|| format!("asking {} for its status", self.id()))
     }
 
     fn log_path(&self) -> PathBuf {
@@ -175,7 +176,8 @@ pub struct Topology {
     pub nodes: Vec<Node>,
     pub containers: Vec<Netns>,
     pub client: Netns,
-    hub: Netns,
+    /// Holds the LAN bridge; only ever dropped.
+    _hub: Netns,
     dir: tempfile::TempDir,
 }
 
@@ -259,7 +261,7 @@ impl Topology {
             nodes,
             containers,
             client,
-            hub,
+            _hub: hub,
             dir,
         };
         topology.write_files()?;
@@ -273,10 +275,6 @@ impl Topology {
 
     pub fn namespaces(&self) -> usize {
         self.nodes.len() + self.containers.len() + 2
-    }
-
-    pub fn node(&self, n: u8) -> Option<&Node> {
-        self.nodes.iter().find(|node| node.n == n)
     }
 
     /// The routing map every node reads, and each node's config.
@@ -447,7 +445,10 @@ impl Topology {
     /// Points the client's routes to the anycast prefixes at edge `n` (what BGP does
     /// when the nearest edge changes).
     pub fn route_client_to(&self, n: u8) -> anyhow::Result<()> {
-        for (family, prefix, v6) in [("-4", ANYCAST_PREFIX4, false), ("-6", ANYCAST_PREFIX6, true)] {
+        for (family, prefix, v6) in [
+            ("-4", ANYCAST_PREFIX4, false),
+            ("-6", ANYCAST_PREFIX6, true),
+        ] {
             let via = lan(n, v6).to_string();
             self.client
                 .ip(&[family, "route", "replace", prefix, "via", &via])?;
@@ -469,10 +470,7 @@ impl Topology {
                     Some(scope.spawn(move || (id, daemon.terminate(Duration::from_secs(5)))))
                 })
                 .collect();
-            stopping
-                .into_iter()
-                .filter_map(|t| t.join().ok())
-                .collect()
+            stopping.into_iter().filter_map(|t| t.join().ok()).collect()
         })
     }
 }

@@ -129,9 +129,9 @@ fn moved(nodes: &[Node], before: &Counters, after: &Counters, names: &[&str]) ->
         .iter()
         .zip(before.iter().zip(after))
         .filter(|(_, (b, a))| {
-            names.iter().any(|name| {
-                a.get(*name).copied().unwrap_or(0) > b.get(*name).copied().unwrap_or(0)
-            })
+            names
+                .iter()
+                .any(|name| a.get(*name).copied().unwrap_or(0) > b.get(*name).copied().unwrap_or(0))
         })
         .map(|(node, _)| node.n)
         .collect()

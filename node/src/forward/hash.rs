@@ -98,11 +98,13 @@ fn ln_unit(x: f64) -> f64 {
 /// The score of a candidate with identity hash input `id` and `weight` for the flow
 /// whose [`flow_hash`] is `flow`.
 fn score(flow: u64, id: &[u8], weight: u32) -> f64 {
-    let h = hash_bytes(flow, id);
-    // The top 52 bits, centred in their interval (exact: 53 significant bits at most), so
-    // u is in [2^-53, 1 - 2^-53], never 0 or 1, and -ln(u) > 0.
-    let u = ((h >> 12) as f64 + 0.5) * (1.0 / (1u64 << 52) as f64);
-    f64::from(weight) / -ln_unit(u)
+    f64::from(weight) / -ln_unit(unit(hash_bytes(flow, id)))
+}
+
+/// `h` mapped into the open interval (0, 1): its top 52 bits, centred in their interval
+/// (exact: 53 significant bits at most), so in [2^-53, 1 - 2^-53] and -ln of it is > 0.
+fn unit(h: u64) -> f64 {
+    ((h >> 12) as f64 + 0.5) * (1.0 / (1u64 << 52) as f64)
 }
 
 /// The candidate that gets `flow`: weighted rendezvous over `candidates`, identified by
@@ -285,6 +287,17 @@ mod tests {
         }
         let share = moved as f64 / n as f64;
         assert!((share - 0.25).abs() < 0.03, "{share}");
+    }
+
+    #[test]
+    fn every_hash_scores_finite_and_positive() {
+        for h in [0, 1, 1 << 12, u64::MAX / 2, u64::MAX - (1 << 12), u64::MAX] {
+            let u = unit(h);
+            assert!(u > 0.0 && u < 1.0, "{h:#x}: {u}");
+            let neg_ln = -ln_unit(u);
+            assert!(neg_ln > 0.0 && neg_ln.is_finite(), "{h:#x}: {neg_ln}");
+        }
+        assert!(unit(0) < unit(1 << 12) && unit(u64::MAX - (1 << 12)) < unit(u64::MAX));
     }
 
     #[test]
