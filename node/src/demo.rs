@@ -124,7 +124,6 @@ fn tell(topology: &mut Topology) -> anyhow::Result<usize> {
     std::io::stdout().flush()?;
     let took = topology.wait_for_mesh(Duration::from_secs(20))?;
     println!("{:.1} s", took.as_secs_f64());
-    std::thread::sleep(Duration::from_secs(3)); // DEBUG
 
     let flows = [
         ('A', &ECHO, false, 40001),

@@ -319,3 +319,62 @@ fn a_proxy_protocol_service_gets_the_header_intact() {
         assert_eq!(&reply[at + len..], b"payload");
     }
 }
+
+/// `ip rule show` lines of table 51821 in `ns`, both families.
+fn reply_rules(topo: &Topology, n: u8) -> Vec<String> {
+    ["-4", "-6"]
+        .iter()
+        .flat_map(|family| {
+            let out = topo
+                .host(n)
+                .ns
+                .command("ip")
+                .args([family, "rule", "show", "table", "51821"])
+                .output()
+                .expect("ip rule");
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn reply_rules_follow_the_daemon_and_survive_no_crash() {
+    require_root();
+    let mut topo = Topology::start(2, &[ServiceSpec::echo(&[2])]);
+    let rules = reply_rules(&topo, 2);
+    assert_eq!(rules.len(), 2, "{rules:?}");
+    assert!(
+        rules[0].contains("from 198.19.2.2 ipproto udp sport 7 lookup 51821"),
+        "{rules:?}"
+    );
+    assert!(
+        rules[1].contains("from fd00:c:2::2 ipproto udp sport 7 lookup 51821"),
+        "{rules:?}"
+    );
+    // Node 1 serves no container: no rules.
+    assert!(reply_rules(&topo, 1).is_empty());
+    // kill -9 leaves them behind; the next start replaces them, no duplicates.
+    let prepared = topo.daemons[1].take().unwrap().kill();
+    assert_eq!(reply_rules(&topo, 2).len(), 2);
+    let map = topo.routing(&[ServiceSpec::echo(&[2])]);
+    topo.daemons[1] = Some(prepared.start(&topo.host(2).ns, &map));
+    assert_eq!(reply_rules(&topo, 2), rules);
+    topo.wait_for_mesh(MESH_UP);
+    let client = topo.client_socket(false, 50000);
+    assert!(
+        ask(&client, anycast(false), b"again").is_some(),
+        "{}",
+        topo.logs()
+    );
+    // A clean stop removes them.
+    let status = topo.daemons[1].take().unwrap().stop();
+    assert!(status.success());
+    assert!(
+        reply_rules(&topo, 2).is_empty(),
+        "{:?}",
+        reply_rules(&topo, 2)
+    );
+}

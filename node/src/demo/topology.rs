@@ -29,7 +29,7 @@ use flynode_keys::{KeyDir, PublicKey};
 use super::check_interrupted;
 use super::services::Services;
 use crate::control::{self, Status};
-use crate::netns::{ChildGuard, Netns, veth, wait_for};
+use crate::netns::{ChildGuard, Netns, run, veth, wait_for};
 
 pub const EDGES: [u8; 2] = [1, 2];
 pub const WORKERS: [u8; 2] = [3, 4];
@@ -189,17 +189,17 @@ impl Topology {
             .prefix("flynode-demo.")
             .tempdir()
             .context("creating a temporary directory")?;
-        let hub = Netns::create("hub")?;
+        let hub = namespace("hub")?;
         hub.ip(&["link", "add", "br0", "type", "bridge"])?;
         hub.ip(&["link", "set", "br0", "up"])?;
-        let client = Netns::create("client")?;
+        let client = namespace("client")?;
         attach(&hub, "pc", &client)?;
         address(&client, CLIENT)?;
         check_interrupted()?;
 
         let mut nodes = Vec::new();
         for n in NODES {
-            let ns = Netns::create(&format!("node{n}"))?;
+            let ns = namespace(&format!("node{n}"))?;
             attach(&hub, &format!("p{n}"), &ns)?;
             address(&ns, n)?;
             let node_dir = dir.path().join(node_id(n));
@@ -229,7 +229,7 @@ impl Topology {
         let mut containers = Vec::new();
         for node in nodes.iter().filter(|node| WORKERS.contains(&node.n)) {
             let n = node.n;
-            let ctr = Netns::create(&format!("ctr{n}"))?;
+            let ctr = namespace(&format!("ctr{n}"))?;
             veth(&node.ns, "ctr0", &ctr, "eth0")?;
             for v6 in [false, true] {
                 let (plen, family) = if v6 { (64, "-6") } else { (24, "-4") };
@@ -473,6 +473,22 @@ impl Topology {
             stopping.into_iter().filter_map(|t| t.join().ok()).collect()
         })
     }
+}
+
+/// A new namespace whose interfaces skip IPv6 duplicate address detection. Without
+/// this, a link-local address stays tentative for about a second after its link comes
+/// up, and the kernel sends no neighbour solicitation from an interface with no usable
+/// link-local: the first datagram a worker forwards to its container over IPv6 would
+/// wait a full retransmit interval (1 s) for neighbour discovery.
+fn namespace(role: &str) -> anyhow::Result<Netns> {
+    let ns = Netns::create(role)?;
+    run(ns.command("sysctl").args([
+        "-q",
+        "-w",
+        "net.ipv6.conf.all.accept_dad=0",
+        "net.ipv6.conf.default.accept_dad=0",
+    ]))?;
+    Ok(ns)
 }
 
 /// Joins `ns` to the LAN bridge: `port` in the hub, `eth0` in `ns`.
