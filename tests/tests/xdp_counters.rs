@@ -78,7 +78,7 @@ anycast = ["{ANYCAST4}", "{ANYCAST6}"]
 ports = [{PORT}]
   [[service.worker]]
   node = "test-node"
-  target = "198.18.200.2:53"
+  target = ["198.18.200.2:53", "[fd00:c8::2]:53"]
 "#
     )
 }
