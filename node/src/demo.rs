@@ -65,7 +65,7 @@ pub fn run() -> anyhow::Result<()> {
         Ok(trips) => trips,
         // Ctrl-C also reaches the `ip` commands the demo runs; their failure is not news.
         Err(_) if INTERRUPTED.load(Ordering::SeqCst) => {
-            bail!("interrupted: the daemons are stopped and the namespaces removed")
+            bail!("interrupted: everything the demo set up is removed")
         }
         Err(e) => return Err(e),
     };
@@ -123,7 +123,7 @@ fn tell(topology: &mut Topology) -> anyhow::Result<usize> {
     print!("waiting until every node sees both workers healthy (WireGuard sessions up) ... ");
     std::io::stdout().flush()?;
     let took = topology.wait_for_mesh(Duration::from_secs(20))?;
-    println!("{:.1} s", took.as_secs_f64());
+    println!("ready after {} ms", took.as_millis());
 
     let flows = [
         ('A', &ECHO, false, 40001),
@@ -146,8 +146,9 @@ fn tell(topology: &mut Topology) -> anyhow::Result<usize> {
 
     println!(
         "\nlegend: → plain IP on a link   ⇒ through the WireGuard mesh (a PROXY v2 header, then \
-         the datagram, encrypted)\n        path from the nodes' forwarding counters \
-         (edge_forwarded, worker_delivered, reply_forwarded, client_replies)"
+         the datagram, encrypted)\n        each path is read from the nodes' own counters before \
+         and after the datagram\n        (XDP verdicts, edge_forwarded, worker_delivered, \
+         reply_forwarded, client_replies)"
     );
     let mut trips: Vec<(usize, Trip)> = Vec::new();
     for (phase, &edge) in EDGES.iter().enumerate() {
@@ -192,6 +193,13 @@ fn tell(topology: &mut Topology) -> anyhow::Result<usize> {
         }
     }
     if problems > 0 {
+        for node in &topology.nodes {
+            println!(
+                "\n--- the end of {}'s log ---\n{}",
+                node.id(),
+                node.log_tail(15)
+            );
+        }
         bail!("{problems} check(s) failed (marked ✗ above)");
     }
     Ok(trips.len())
@@ -257,7 +265,7 @@ fn print_switch(flows: &[Flow], trips: &[(usize, Trip)]) {
     );
     println!(
         "{:<5} {:<10} {:<26} {:<20} {:<20} worker",
-        "flow", "service", "client", "before", "after"
+        "flow", "service", "client", "before the switch", "after"
     );
     for (i, flow) in flows.iter().enumerate() {
         let legs: Vec<String> = trips
@@ -285,26 +293,42 @@ fn print_switch(flows: &[Flow], trips: &[(usize, Trip)]) {
 }
 
 fn print_counters(topology: &Topology) -> anyhow::Result<()> {
-    println!("\n── forwarding counters, as `flynode status --json` shows them ──");
-    let columns = [
+    println!("\n── counters, as `flynode status --json` shows them ──");
+    let headers = [
+        "xdp: userspace_service",
         "edge_forwarded",
         "worker_delivered",
         "reply_forwarded",
         "client_replies",
         "reply_no_flow",
+        "flows: edge",
+        "worker",
     ];
-    print!("{:<7}", "node");
-    for c in columns {
-        print!(" {c:>16}");
-    }
-    println!(" {:>11} {:>12}", "edge flows", "worker flows");
+    println!("node    {}", headers.join("  "));
     for node in &topology.nodes {
-        let f = node.status()?.forwarding;
-        print!("{:<7}", node.id());
-        for c in columns {
-            print!(" {:>16}", f.counters.get(c).copied().unwrap_or(0));
-        }
-        println!(" {:>11} {:>12}", f.edge_flows.active, f.worker_flows.active);
+        let s = node.status()?;
+        let f = &s.forwarding;
+        let counter = |name: &str| f.counters.get(name).copied().unwrap_or(0);
+        let values = [
+            s.xdp
+                .counters
+                .get("userspace_service")
+                .copied()
+                .unwrap_or(0),
+            counter("edge_forwarded"),
+            counter("worker_delivered"),
+            counter("reply_forwarded"),
+            counter("client_replies"),
+            counter("reply_no_flow"),
+            f.edge_flows.active as u64,
+            f.worker_flows.active as u64,
+        ];
+        let cells: Vec<String> = headers
+            .iter()
+            .zip(values)
+            .map(|(h, v)| format!("{v:>width$}", width = h.chars().count()))
+            .collect();
+        println!("{:<7} {}", node.id(), cells.join("  "));
     }
     Ok(())
 }

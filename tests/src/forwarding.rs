@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use flynode::netns::{Netns, veth};
 
-use crate::mesh::{Host, Lan, routing_for};
+use crate::mesh::{Host, Lan, no_dad, routing_for};
 use crate::node::{Daemon, Prepared};
 
 pub const ANYCAST4: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
@@ -171,6 +171,7 @@ impl Topology {
     ) -> Topology {
         let lan = Lan::new(nodes);
         let client = Netns::create("client").expect("netns");
+        no_dad(&client);
         veth(&lan.hub, "pc", &client, "eth0").expect("veth");
         lan.hub
             .ip(&["link", "set", "pc", "master", "br0"])
@@ -194,6 +195,7 @@ impl Topology {
                     .expect("anycast");
             }
             let ctr = Netns::create(&format!("c{n}")).expect("netns");
+            no_dad(&ctr);
             veth(&host.ns, "ctr0", &ctr, "eth0").expect("veth");
             host.ns
                 .ip(&["addr", "add", &format!("198.19.{n}.1/24"), "dev", "ctr0"])

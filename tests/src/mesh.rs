@@ -83,6 +83,7 @@ impl Lan {
         let mut nodes = Vec::new();
         for n in 1..=hosts {
             let ns = Netns::create(&format!("h{n}")).expect("netns");
+            no_dad(&ns);
             let port = format!("p{n}");
             veth(&hub, &port, &ns, "eth0").expect("veth");
             hub.ip(&["link", "set", &port, "master", "br0"])
@@ -114,6 +115,15 @@ impl Lan {
 
     pub fn host(&self, n: u8) -> &Host {
         &self.nodes[usize::from(n) - 1]
+    }
+}
+
+/// Turns off IPv6 duplicate address detection for the interfaces `ns` will get: with
+/// it, a new link sends no neighbour discovery for about a second (its link-local
+/// address is still tentative), which stalls the first IPv6 datagrams of a test.
+pub fn no_dad(ns: &Netns) {
+    for key in ["net.ipv6.conf.all.accept_dad", "net.ipv6.conf.default.accept_dad"] {
+        ns.sysctl(key, "0").expect("sysctl accept_dad");
     }
 }
 

@@ -448,7 +448,7 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
-    fn a_query_is_the_bytes_dig_sends() {
+    fn a_query_has_the_rfc_1035_layout() {
         let mut q = Message::query(0x1234, "demo.flynode.test", TYPE_A);
         q.edns = None;
         let want: &[u8] = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\

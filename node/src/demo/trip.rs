@@ -91,8 +91,10 @@ pub struct Reply {
 }
 
 /// The nodes (by number) whose counter moved between two snapshots.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct Path {
+    /// How the edge's XDP program handed the datagram over.
+    pub ingress: &'static str,
     /// Sent the datagram into the mesh (`edge_forwarded`) or straight to a local
     /// container (`edge_local`).
     pub edges: Vec<u8>,
@@ -117,10 +119,24 @@ pub struct Trip {
 
 type Counters = Vec<BTreeMap<String, u64>>;
 
+/// The XDP verdicts that hand a service datagram to flynode, as counter names.
+const XDP_AF_XDP: &str = "xdp:userspace_service";
+const XDP_SOCKET: &str = "xdp:socket_service";
+
+/// Every node's forwarding counters, plus the XDP service verdicts.
 fn counters(nodes: &[Node]) -> anyhow::Result<Counters> {
     nodes
         .iter()
-        .map(|n| n.status().map(|s| s.forwarding.counters))
+        .map(|n| {
+            n.status().map(|s| {
+                let mut c = s.forwarding.counters;
+                for name in [XDP_AF_XDP, XDP_SOCKET] {
+                    let xdp = name.trim_start_matches("xdp:");
+                    c.insert(name.into(), s.xdp.counters.get(xdp).copied().unwrap_or(0));
+                }
+                c
+            })
+        })
         .collect()
 }
 
@@ -177,7 +193,15 @@ impl Trip {
             })
             .unwrap_or(after);
         }
+        let ingress = if !moved(nodes, &before, &after, &[XDP_AF_XDP]).is_empty() {
+            "XDP → AF_XDP"
+        } else if !moved(nodes, &before, &after, &[XDP_SOCKET]).is_empty() {
+            "XDP → socket"
+        } else {
+            "XDP → ?"
+        };
         let path = Path {
+            ingress,
             edges: moved(nodes, &before, &after, &["edge_forwarded", "edge_local"]),
             workers: moved(nodes, &before, &after, &["worker_delivered"]),
             reply_workers: moved(nodes, &before, &after, &["reply_forwarded", "reply_local"]),
@@ -294,7 +318,10 @@ impl Trip {
             1 => String::new(),
             n => format!("  ({n} attempts)"),
         };
-        println!("     there  client → edge {edge} ⇒ worker {worker} → {container}{retries}");
+        println!(
+            "     there  client → edge {edge} ({}) ⇒ worker {worker} → {container}{retries}",
+            self.path.ingress
+        );
         let Some(reply) = &self.reply else {
             println!("     back   ✗ no reply");
             return;
