@@ -122,7 +122,10 @@ impl Lan {
 /// it, a new link sends no neighbour discovery for about a second (its link-local
 /// address is still tentative), which stalls the first IPv6 datagrams of a test.
 pub fn no_dad(ns: &Netns) {
-    for key in ["net.ipv6.conf.all.accept_dad", "net.ipv6.conf.default.accept_dad"] {
+    for key in [
+        "net.ipv6.conf.all.accept_dad",
+        "net.ipv6.conf.default.accept_dad",
+    ] {
         ns.sysctl(key, "0").expect("sysctl accept_dad");
     }
 }
