@@ -8,12 +8,17 @@
 //!   GRO), fed by a live-frames generator over a veth between two network namespaces.
 //!   Target: AF_XDP ≥ 3x the socket.
 //!
+//! - `forward`: issue 5's end-to-end benchmark, client → edge → worker → container through
+//!   flynode against plain kernel routing in the same namespaces (delivered rate, loss,
+//!   CPU per host, round-trip latency, memory with a million flows); see [`forward`].
+//!
 //! Everything runs in network namespaces this process creates (addresses from
 //! 198.18.0.0/15) and is removed when it ends, on error and on Ctrl-C too.
 mod afxdp;
 mod bpfsys;
 mod classify;
 mod deliver;
+mod forward;
 mod frames;
 mod pacer;
 mod sys;
@@ -35,6 +40,8 @@ struct Cli {
     classify: ClassifyArgs,
     #[command(flatten)]
     deliver: DeliverArgs,
+    #[command(flatten)]
+    forward: ForwardArgs,
 }
 
 #[derive(Subcommand, Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,8 +50,12 @@ enum What {
     Classify,
     /// Delivered datagrams per second (live-frames generator over a veth).
     Deliver,
-    /// Both (the default).
+    /// Classify and deliver (the default).
     All,
+    /// End to end through flynode vs plain routing (issue 5; bench/forward.sh). Shares
+    /// --runs, --seconds, --warmup, --gen-batch, --rcvbuf, --recv-batch, --retries,
+    /// --quiet-wait and --verbose with deliver.
+    Forward,
 }
 
 #[derive(clap::Args, Debug)]
@@ -149,7 +160,59 @@ struct DeliverArgs {
     verbose: bool,
 }
 
+#[derive(clap::Args, Debug)]
+struct ForwardArgs {
+    /// forward: offered rates in Mpps, `max` = unpaced (comma-separated).
+    #[arg(
+        long,
+        global = true,
+        env = "BENCH_FWD_RATES",
+        value_delimiter = ',',
+        default_value = "0.02,0.04,0.06,0.08,0.1,0.12,0.15,0.2,0.25,0.3,0.5,max"
+    )]
+    fwd_rates: Vec<String>,
+    /// forward: UDP payload sizes, bytes (comma-separated).
+    #[arg(
+        long,
+        global = true,
+        env = "BENCH_FWD_PAYLOADS",
+        value_delimiter = ',',
+        default_value = "64,1200"
+    )]
+    fwd_payloads: Vec<usize>,
+    /// forward: client ports the generator cycles through (a power of two up to 4096).
+    #[arg(long, global = true, env = "BENCH_FWD_FLOWS", default_value_t = 256)]
+    fwd_flows: u32,
+    /// forward: timed request/replies of the latency ping-pong.
+    #[arg(long, global = true, env = "BENCH_PINGS", default_value_t = 2000)]
+    pings: usize,
+    /// forward: flows of the flow-table fill (0: skip it).
+    #[arg(
+        long,
+        global = true,
+        env = "BENCH_MILLION",
+        default_value_t = 1_000_000
+    )]
+    million: u64,
+    /// forward: rate of the flow-table fill in Mpps (default: 0.6 x flynode's 64-byte
+    /// peak, 0.02 to 0.3).
+    #[arg(long, global = true, env = "BENCH_MILLION_RATE")]
+    million_rate: Option<f64>,
+    /// forward: parts to run: throughput, latency, flows (comma-separated).
+    #[arg(
+        long,
+        global = true,
+        env = "BENCH_FWD_ONLY",
+        value_delimiter = ',',
+        default_value = "throughput,latency,flows"
+    )]
+    fwd_only: Vec<String>,
+}
+
 fn main() -> ExitCode {
+    // Before any thread exists (set_var): the daemons of `forward` are the release
+    // flynode next to this binary unless FLYNODE_BIN says otherwise.
+    forward::default_flynode_bin();
     let cli = Cli::parse();
     match run(&cli) {
         Ok(true) => ExitCode::SUCCESS,
@@ -181,6 +244,9 @@ fn run(cli: &Cli) -> Result<bool> {
         ok &= classify::run(&opts)?;
         println!();
     }
+    if what == What::Forward {
+        ok &= forward::run(&forward_options(cli)?)?;
+    }
     if matches!(what, What::Deliver | What::All) {
         let d = &cli.deliver;
         let mut modes = Vec::new();
@@ -191,22 +257,7 @@ fn run(cli: &Cli) -> Result<bool> {
                 other => anyhow::bail!("unknown receiver `{other}` (socket, af_xdp)"),
             });
         }
-        let mut rates = Vec::new();
-        for r in &d.rates {
-            rates.push(match r.trim() {
-                "max" => None,
-                v => Some(
-                    v.parse::<f64>()
-                        .ok()
-                        .filter(|v| *v > 0.0)
-                        .ok_or_else(|| anyhow::anyhow!("bad rate `{v}` (Mpps or `max`)"))?
-                        * 1e6,
-                ),
-            });
-        }
-        if rates.is_empty() {
-            anyhow::bail!("no offered rates");
-        }
+        let rates = parse_rates(&d.rates)?;
         let opts = deliver::Options {
             runs: d.runs.max(1),
             seconds: d.seconds,
@@ -256,6 +307,72 @@ fn run(cli: &Cli) -> Result<bool> {
         ok &= deliver::print_summary(&summaries);
     }
     Ok(ok)
+}
+
+/// Offered rates: Mpps values or `max` (unpaced), in frames per second.
+fn parse_rates(rates: &[String]) -> Result<Vec<Option<f64>>> {
+    let mut out = Vec::new();
+    for r in rates {
+        out.push(match r.trim() {
+            "max" => None,
+            v => Some(
+                v.parse::<f64>()
+                    .ok()
+                    .filter(|v| *v > 0.0)
+                    .ok_or_else(|| anyhow::anyhow!("bad rate `{v}` (Mpps or `max`)"))?
+                    * 1e6,
+            ),
+        });
+    }
+    if out.is_empty() {
+        anyhow::bail!("no offered rates");
+    }
+    Ok(out)
+}
+
+fn forward_options(cli: &Cli) -> Result<forward::Options> {
+    let (d, f) = (&cli.deliver, &cli.forward);
+    if !f.fwd_flows.is_power_of_two() || f.fwd_flows > 4096 {
+        anyhow::bail!(
+            "--fwd-flows: {} is not a power of two up to 4096",
+            f.fwd_flows
+        );
+    }
+    if f.fwd_payloads.iter().any(|&p| !(2..=1300).contains(&p)) {
+        anyhow::bail!("--fwd-payloads: sizes from 2 to 1300 bytes (the mesh MTU bounds them)");
+    }
+    let (mut throughput, mut latency, mut flows) = (false, false, false);
+    for part in &f.fwd_only {
+        match part.trim() {
+            "throughput" => throughput = true,
+            "latency" => latency = true,
+            "flows" => flows = true,
+            other => anyhow::bail!("unknown part `{other}` (throughput, latency, flows)"),
+        }
+    }
+    Ok(forward::Options {
+        load: forward::LoadOptions {
+            seconds: d.seconds,
+            warmup: d.warmup,
+            rates: parse_rates(&f.fwd_rates)?,
+            flows: f.fwd_flows,
+            gen_batch: d.gen_batch.clamp(1, 256),
+            rcvbuf: d.rcvbuf,
+            recv_batch: d.recv_batch,
+        },
+        runs: d.runs.max(1),
+        payloads: f.fwd_payloads.clone(),
+        pings: f.pings.max(1),
+        million: if flows { f.million } else { 0 },
+        million_rate: f.million_rate.map(|r| r * 1e6),
+        throughput,
+        latency,
+        retries: d.retries,
+        quiet_wait: d.quiet_wait,
+        gen_cpu: 0,
+        sut_cpu: 1,
+        verbose: d.verbose,
+    })
 }
 
 pub use afxdp::xsk_for_test_run;

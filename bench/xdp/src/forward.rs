@@ -1,0 +1,522 @@
+//! Issue 5's benchmark: client → edge → worker → container through flynode against the
+//! same namespaces with plain kernel routing, in one run. See README.md "### Forwarding".
+//!
+//! ```text
+//!  hub (br0)            h1: edge, node-1              h2: worker, node-2        c2
+//!  generator ── p1 ──── eth0 198.18.10.1 ─┐      ┌─── eth0 198.18.10.2   ctr0 ── eth0
+//!  (live frames,        XDP → AF_XDP →    │ br0  │    XDP → AF_XDP →           198.19.2.2:7
+//!   CPU0)               PROXY v2 + WG  ───┴──────┘    WG → TUN → kernel ──────> counting socket
+//!  client 198.18.10.100 (ping-pong only), on br0 too
+//! ```
+//!
+//! Order: flynode first (latency, throughput, a million flows), then the daemons stop
+//! and the same namespaces route in the kernel (latency, throughput). The two paths
+//! cannot interleave (the daemons own the XDP programs and the reply rules), so each
+//! is measured `runs` times in a row and medians are compared.
+mod lab;
+mod latency;
+mod load;
+mod million;
+
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+
+use crate::classify::pass_fail;
+use crate::sys;
+use lab::{Lab, Path};
+use latency::Latency;
+use load::{Run, Step};
+use million::FillResult;
+
+pub use lab::default_flynode_bin;
+pub use load::LoadOptions;
+
+/// 1200-byte delivered rate through flynode / through plain routing, at least.
+pub const TARGET_RATIO: f64 = 0.4;
+/// Added median round-trip time, at most.
+pub const TARGET_ADDED_P50_US: f64 = 150.0;
+/// Resident memory of each daemon with a million active flows, at most.
+pub const TARGET_RSS_MIB: f64 = 256.0;
+/// The payload size the ratio target is about.
+const TARGET_PAYLOAD: usize = 1200;
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub load: LoadOptions,
+    pub runs: usize,
+    pub payloads: Vec<usize>,
+    pub pings: usize,
+    /// Flows of the flow-table fill (0: skipped).
+    pub million: u64,
+    /// Datagrams/s of the fill (`None`: 0.6 x the measured 64-byte peak, 0.02..0.3 Mpps).
+    pub million_rate: Option<f64>,
+    pub throughput: bool,
+    pub latency: bool,
+    pub retries: usize,
+    pub quiet_wait: f64,
+    pub gen_cpu: usize,
+    pub sut_cpu: usize,
+    pub verbose: bool,
+}
+
+#[derive(Default)]
+struct PathResult {
+    runs: BTreeMap<usize, Vec<Run>>,
+    latency: Option<Latency>,
+}
+
+pub fn run(opts: &Options) -> Result<bool> {
+    println!(
+        "== forward: client → edge → worker → container, flynode vs plain routing ==\n\
+         {} run(s) per path and payload ({} B), offered rates {} Mpps, {:.1} s window \
+         (+{:.1} s settling) each, {} client ports; generator on CPU{}, everything else \
+         (daemons, NAPI threads, container socket, softirqs) on CPU{}",
+        opts.runs,
+        opts.payloads
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(" B, "),
+        opts.load
+            .rates
+            .iter()
+            .map(|r| rate_name(*r))
+            .collect::<Vec<_>>()
+            .join(","),
+        opts.load.seconds,
+        opts.load.warmup,
+        opts.load.flows,
+        opts.gen_cpu,
+        opts.sut_cpu
+    );
+    sys::wait_until_quiet(opts.quiet_wait, 10.0)?;
+    // Helper processes (ip, ethtool) and short-lived threads inherit this: keep them off
+    // the system under test's CPU.
+    sys::pin(0, opts.gen_cpu)?;
+    let mut lab = Lab::start(opts.gen_cpu, opts.sut_cpu)?;
+    println!(
+        "topology up: edge pid {}, worker pid {}, NAPI threads {}",
+        lab.daemon_pid(lab::EDGE).unwrap_or(0),
+        lab.daemon_pid(lab::WORKER).unwrap_or(0),
+        lab.napi
+            .iter()
+            .map(|n| format!("{} (node {}, pid {})", n.comm, n.host, n.pid))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mut results: BTreeMap<&'static str, PathResult> = BTreeMap::new();
+    let mut fill = None;
+    for path in [Path::Flynode, Path::Plain] {
+        if path == Path::Plain {
+            println!("\n-- stopping the daemons; the same namespaces now route in the kernel --");
+            lab.switch_to_plain_routing()?;
+        }
+        let mut result = PathResult::default();
+        if opts.latency {
+            result.latency = Some(measure_latency(&lab, opts.pings)?);
+        }
+        if opts.throughput {
+            result.runs = throughput(&lab, opts)?;
+        }
+        if path == Path::Flynode && opts.million > 0 {
+            let peak64 = peak(&result, 64);
+            let rate = opts
+                .million_rate
+                .unwrap_or_else(|| peak64.map_or(50_000.0, |p| (p * 0.6).clamp(2e4, 3e5)));
+            println!(
+                "\n-- {} flows: one 64-byte datagram per client (address, port), {:.2} Mpps --",
+                opts.million,
+                rate / 1e6
+            );
+            let f = million::fill(&lab, &opts.load, opts.million, rate)?;
+            print_fill(&f);
+            fill = Some(f);
+        }
+        results.insert(path.name(), result);
+    }
+    drop(lab);
+    Ok(print_summary(opts, &results, fill.as_ref()))
+}
+
+fn measure_latency(lab: &Lab, pings: usize) -> Result<Latency> {
+    let _echo = lab.start_echo()?;
+    let to = lab.path.destination();
+    let l = latency::ping_pong(lab, to, pings)?;
+    println!(
+        "\n{}: ping-pong to {to}: {} requests, p50 {:.1} µs, p99 {:.1} µs, mean {:.1} µs, \
+         max {:.0} µs, lost {}",
+        lab.path.name(),
+        l.count,
+        l.p50_us,
+        l.p99_us,
+        l.mean_us,
+        l.max_us,
+        l.lost
+    );
+    Ok(l)
+}
+
+/// Seconds to wait for an idle machine before each run, at most.
+const QUIET_WAIT_PER_RUN: f64 = 10.0;
+
+fn throughput(lab: &Lab, opts: &Options) -> Result<BTreeMap<usize, Vec<Run>>> {
+    let mut all: BTreeMap<usize, Vec<(usize, Run)>> = BTreeMap::new();
+    for i in 0..opts.runs {
+        for &payload in &opts.payloads {
+            let mut attempt = 0;
+            let r = loop {
+                sys::check_interrupted()?;
+                sys::wait_until_quiet(opts.quiet_wait.min(QUIET_WAIT_PER_RUN), 10.0)?;
+                let r = load::run_once(lab, &opts.load, payload)?;
+                match r.disturbed() {
+                    Some(share) if attempt < opts.retries => {
+                        attempt += 1;
+                        println!(
+                            "  run {} {} {payload} B: other work took {:.0}% of CPU{} in a \
+                             window, repeating ({attempt}/{})",
+                            i + 1,
+                            lab.path.name(),
+                            share * 100.0,
+                            opts.sut_cpu,
+                            opts.retries
+                        );
+                    }
+                    _ => break r,
+                }
+            };
+            print_run(lab.path, i, &r, opts.verbose || i == 0);
+            all.entry(payload).or_default().push((i, r));
+        }
+    }
+    // Runs that other work disturbed even after the retries only count when no run
+    // was clean.
+    let mut out = BTreeMap::new();
+    for (payload, runs) in all {
+        let clean = runs.iter().filter(|(_, r)| r.disturbed().is_none()).count();
+        let kept: Vec<Run> = if clean > 0 && clean < runs.len() {
+            let (keep, drop): (Vec<_>, Vec<_>) =
+                runs.into_iter().partition(|(_, r)| r.disturbed().is_none());
+            println!(
+                "  {} {payload} B: run(s) {} left out of the medians (disturbed by other work)",
+                lab.path.name(),
+                drop.iter()
+                    .map(|(i, _)| (i + 1).to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            keep.into_iter().map(|(_, r)| r).collect()
+        } else {
+            runs.into_iter().map(|(_, r)| r).collect()
+        };
+        out.insert(payload, kept);
+    }
+    Ok(out)
+}
+
+fn rate_name(r: Option<f64>) -> String {
+    r.map_or("max".to_owned(), |r| format!("{:.2}", r / 1e6))
+}
+
+fn mpps(pps: f64) -> String {
+    format!("{:.3}", pps / 1e6)
+}
+
+fn print_run(path: Path, i: usize, r: &Run, details: bool) {
+    println!(
+        "\n  run {} {}, {} B: generated {} frames, the container counted {}",
+        i + 1,
+        path.name(),
+        r.payload,
+        r.generated,
+        r.delivered_total
+    );
+    println!(
+        "    {:>6} {:>9} {:>10} {:>7} {:>9} {:>10} {:>9} {:>11} {:>10}",
+        "target",
+        "offered",
+        "delivered",
+        "loss",
+        "SUT busy",
+        "SUT sirq",
+        "RcvbufE",
+        "backlog drp",
+        "no worker"
+    );
+    for s in &r.steps {
+        println!(
+            "    {:>6} {:>9} {:>10} {:>6.1}% {:>8.0}% {:>9.0}% {:>9} {:>11} {:>10}{}",
+            rate_name(s.target),
+            mpps(s.offered_pps),
+            mpps(s.delivered_pps),
+            100.0 * s.loss(),
+            100.0 * s.sut_busy,
+            100.0 * s.sut_softirq,
+            s.rcvbuf_errors,
+            s.softnet_drops,
+            s.no_worker,
+            if s.odd > 0 {
+                format!("  ({} datagrams of another size!)", s.odd)
+            } else {
+                String::new()
+            }
+        );
+    }
+    if !details {
+        return;
+    }
+    let peak = r.peak();
+    println!(
+        "    CPU at the peak ({} Mpps delivered), CPU-seconds per second: {}",
+        mpps(peak.delivered_pps),
+        cpu_line(peak)
+    );
+    if let Some(max) = r.at_max() {
+        println!("    counters over the full-rate step (nonzero):");
+        let mut line = String::new();
+        for (k, v) in &max.breakdown {
+            let item = format!("{k}={v}");
+            if line.len() + item.len() > 100 {
+                println!("      {line}");
+                line.clear();
+            }
+            if !line.is_empty() {
+                line.push_str("  ");
+            }
+            line.push_str(&item);
+        }
+        if !line.is_empty() {
+            println!("      {line}");
+        }
+    }
+}
+
+fn cpu_line(s: &Step) -> String {
+    let mut parts: Vec<String> = s
+        .task_cpu
+        .iter()
+        .map(|(l, v)| format!("{l} {v:.2}"))
+        .collect();
+    parts.push(format!("unattributed {:.2}", s.unattributed));
+    parts.join(", ")
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    (!v.is_empty()).then(|| sys::median(&mut v))
+}
+
+/// Median over runs of each run's best delivered rate.
+fn peak(r: &PathResult, payload: usize) -> Option<f64> {
+    median(
+        r.runs
+            .get(&payload)?
+            .iter()
+            .map(|r| r.peak().delivered_pps)
+            .collect(),
+    )
+}
+
+/// Medians over runs of the numbers at each run's peak.
+struct AtPeak {
+    delivered: f64,
+    edge: f64,
+    worker: f64,
+    edge_daemon: f64,
+    worker_daemon: f64,
+    container: f64,
+    ksoftirqd: f64,
+    unattributed: f64,
+    busy: f64,
+}
+
+fn at_peak(runs: &[Run]) -> Option<AtPeak> {
+    let m = |f: &dyn Fn(&Step) -> f64| median(runs.iter().map(|r| f(r.peak())).collect());
+    Some(AtPeak {
+        delivered: m(&|s| s.delivered_pps)?,
+        edge: m(&|s| s.cpu_of("edge "))?,
+        worker: m(&|s| s.cpu_of("worker "))?,
+        edge_daemon: m(&|s| s.cpu_of("edge flynode"))?,
+        worker_daemon: m(&|s| s.cpu_of("worker flynode"))?,
+        container: m(&|s| s.cpu_of("container"))?,
+        ksoftirqd: m(&|s| s.cpu_of("ksoftirqd"))?,
+        unattributed: m(&|s| s.unattributed)?,
+        busy: m(&|s| s.sut_busy)?,
+    })
+}
+
+fn print_summary(
+    opts: &Options,
+    results: &BTreeMap<&'static str, PathResult>,
+    fill: Option<&FillResult>,
+) -> bool {
+    let fly = &results[Path::Flynode.name()];
+    let plain = &results[Path::Plain.name()];
+    let mut ok = true;
+    println!("\n== forward: summary (medians over runs) ==");
+    println!(
+        "{:<40} {:>16} {:>16} {:>9}  target",
+        "", "flynode", "plain routing", "ratio"
+    );
+    for &payload in &opts.payloads {
+        let (f, p) = (peak(fly, payload), peak(plain, payload));
+        let ratio = f.zip(p).map(|(f, p)| f / p.max(1.0));
+        let verdict = match ratio {
+            Some(r) if payload == TARGET_PAYLOAD => {
+                ok &= r >= TARGET_RATIO;
+                format!(">= {TARGET_RATIO}x  {}", pass_fail(r >= TARGET_RATIO))
+            }
+            _ => String::new(),
+        };
+        println!(
+            "{:<40} {:>16} {:>16} {:>9}  {verdict}",
+            format!("{payload} B: peak delivered, Mpps"),
+            f.map_or("-".into(), mpps),
+            p.map_or("-".into(), mpps),
+            ratio.map_or("-".into(), |r| format!("{r:.2}x")),
+        );
+        let loss = |r: &PathResult| -> Option<String> {
+            let runs = r.runs.get(&payload)?;
+            let loss = median(
+                runs.iter()
+                    .filter_map(|r| Some(r.at_max()?.loss()))
+                    .collect(),
+            )?;
+            let offered = median(
+                runs.iter()
+                    .filter_map(|r| Some(r.at_max()?.offered_pps))
+                    .collect(),
+            )?;
+            Some(format!("{:.1}% of {}", 100.0 * loss, mpps(offered)))
+        };
+        println!(
+            "{:<40} {:>16} {:>16}",
+            format!("{payload} B: loss at full offered rate"),
+            loss(fly).unwrap_or("-".into()),
+            loss(plain).unwrap_or("-".into())
+        );
+        let rcvbuf = |r: &PathResult| -> String {
+            r.runs
+                .get(&payload)
+                .and_then(|runs| {
+                    median(
+                        runs.iter()
+                            .filter_map(|r| Some(r.at_max()?.rcvbuf_errors as f64))
+                            .collect(),
+                    )
+                })
+                .map_or("-".into(), |v| format!("{v:.0}"))
+        };
+        println!(
+            "{:<40} {:>16} {:>16}",
+            format!("{payload} B: container RcvbufErrors at full rate"),
+            rcvbuf(fly),
+            rcvbuf(plain)
+        );
+    }
+    let (lf, lp) = (fly.latency.as_ref(), plain.latency.as_ref());
+    let show = |l: Option<&Latency>| {
+        l.map_or("-".to_owned(), |l| {
+            format!("{:.0} / {:.0}", l.p50_us, l.p99_us)
+        })
+    };
+    let added = lf.zip(lp).map(|(f, p)| f.p50_us - p.p50_us);
+    let verdict = added.map_or(String::new(), |a| {
+        ok &= a <= TARGET_ADDED_P50_US;
+        format!(
+            "added p50 {a:.0} µs <= {TARGET_ADDED_P50_US:.0}  {}",
+            pass_fail(a <= TARGET_ADDED_P50_US)
+        )
+    });
+    println!(
+        "{:<40} {:>16} {:>16} {:>9}  {verdict}",
+        format!("RTT p50 / p99, µs ({} ping-pongs)", opts.pings),
+        show(lf),
+        show(lp),
+        ""
+    );
+    if let Some(f) = fill {
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        let edge_ok = mib(f.edge_mem[1].0) <= TARGET_RSS_MIB;
+        let worker_ok = mib(f.worker_mem[1].0) <= TARGET_RSS_MIB;
+        let flows_ok = f.edge.active as u64 >= f.target && f.worker.active as u64 >= f.target;
+        ok &= edge_ok && worker_ok && flows_ok;
+        println!(
+            "{:<40} {:>16} {:>16} {:>9}  <= {TARGET_RSS_MIB:.0} MiB each  {}",
+            format!("{} flows: VmRSS edge / worker, MiB", f.target),
+            format!(
+                "{:.0} / {:.0}",
+                mib(f.edge_mem[1].0),
+                mib(f.worker_mem[1].0)
+            ),
+            "",
+            "",
+            pass_fail(edge_ok && worker_ok && flows_ok)
+        );
+        println!(
+            "{:<40} {:>16}",
+            "  active flows edge / worker",
+            format!("{} / {}", f.edge.active, f.worker.active)
+        );
+    }
+    println!(
+        "\nCPU at each path's peak, CPU-seconds per second of traffic (µs per delivered datagram):"
+    );
+    for &payload in &opts.payloads {
+        for (name, r) in [("flynode", fly), ("plain routing", plain)] {
+            let Some(p) = r.runs.get(&payload).and_then(|runs| at_peak(runs)) else {
+                continue;
+            };
+            let us = |v: f64| 1e6 * v / p.delivered.max(1.0);
+            println!(
+                "  {payload:>5} B {name:<14} edge host {:.2} (flynode {:.2}) {:.2} µs | worker host \
+                 {:.2} (flynode {:.2}) {:.2} µs | container socket {:.2} | ksoftirqd {:.2} | \
+                 unattributed {:.2} | CPU{} busy {:.0}%",
+                p.edge,
+                p.edge_daemon,
+                us(p.edge),
+                p.worker,
+                p.worker_daemon,
+                us(p.worker),
+                p.container,
+                p.ksoftirqd,
+                p.unattributed,
+                opts.sut_cpu,
+                100.0 * p.busy
+            );
+        }
+    }
+    println!(
+        "  host = its flynode daemon (all threads, /proc/PID/stat utime+stime) + its eth0 NAPI \
+         thread. Tick-based accounting: softirq work (bridge, veth backlogs, delivery into the \
+         container) is charged to whichever task it interrupted; softirqs on an idle CPU and \
+         other processes are 'unattributed'. Not included: the generator (CPU{}), the hub.",
+        opts.gen_cpu
+    );
+    ok
+}
+
+fn print_fill(f: &FillResult) {
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    println!(
+        "  sent {} datagrams from {} addresses x 4096 ports in {:.1} s ({} pass(es)); the \
+         container counted {}",
+        f.sent, f.sources, f.seconds, f.passes, f.delivered
+    );
+    for (name, flows, mem) in [
+        ("edge   (edge_flows)", &f.edge, f.edge_mem),
+        ("worker (worker_flows)", &f.worker, f.worker_mem),
+    ] {
+        println!(
+            "  {name}: active {} of {}, inserted {}, evicted {}, expired {}; VmRSS {:.1} → \
+             {:.1} MiB (peak {:.1} MiB)",
+            flows.active,
+            flows.capacity,
+            flows.inserted,
+            flows.evicted,
+            flows.expired,
+            mib(mem[0].0),
+            mib(mem[1].0),
+            mib(mem[1].1)
+        );
+    }
+}
