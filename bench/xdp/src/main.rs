@@ -194,7 +194,7 @@ struct ForwardArgs {
         default_value_t = 1_000_000
     )]
     million: u64,
-    /// forward: rate of the flow-table fill in Mpps (default: 0.6 x flynode's 64-byte
+    /// forward: rate of the flow-table fill in Mpps (default: 0.4 x flynode's 64-byte
     /// peak, 0.02 to 0.3).
     #[arg(long, global = true, env = "BENCH_MILLION_RATE")]
     million_rate: Option<f64>,

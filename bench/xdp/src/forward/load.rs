@@ -1,7 +1,7 @@
 //! Delivered datagrams per second at the container, for one path and payload size: the
-//! repo's live-frames generator ([`crate::pacer`]) sends from the hub out of the edge's
-//! veth while a recvmmsg socket in the container counts; the offered rate steps up to
-//! the generator's maximum.
+//! generator ([`super::traffic`]) sends from the hub out of the edge's veth while a
+//! recvmmsg socket in the container counts; the offered rate steps up to the
+//! generator's maximum.
 //!
 //! Placement: the generator (which spins while it paces) has `gen_cpu` to itself;
 //! everything of the system under test — both daemons, both NAPI threads, the container's
@@ -10,16 +10,14 @@
 //! IRQ_TIME_ACCOUNTING, a softirq that interrupts a task is charged to that task).
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
-use flynode_tunnel::io::udp::{RecvBatch, UdpSocket};
-use flynode_xsk::rawbpf;
+use anyhow::{Result, anyhow, bail};
 
-use super::lab::{EDGE, GEN_DEV, Lab, Path, WORKER};
+use super::lab::{EDGE, GEN_DEV, Lab, WORKER};
+use super::traffic::{Count, Injector, consume};
 use crate::pacer::Pacer;
 use crate::sys::{self, CpuTimes};
 
@@ -40,110 +38,6 @@ pub struct LoadOptions {
     pub gen_batch: u32,
     pub rcvbuf: usize,
     pub recv_batch: usize,
-}
-
-/// The generator, on a thread that has entered the hub namespace.
-pub struct Injector {
-    ifindex: u32,
-    anchor: u32,
-    batch: u32,
-}
-
-/// A generator program, kept in the XDP dispatcher by its anchor link.
-pub struct Loaded {
-    prog: OwnedFd,
-    _anchor: OwnedFd,
-}
-
-impl Injector {
-    /// Moves the calling thread into the hub and onto `lab.gen_cpu`.
-    pub fn on_this_thread(lab: &Lab, batch: u32) -> Result<Injector> {
-        sys::enter_netns(lab.hub()).context("generator: enter the hub namespace")?;
-        sys::pin(0, lab.gen_cpu).context("generator: pin")?;
-        Ok(Injector {
-            ifindex: rawbpf::ifindex(GEN_DEV)?,
-            anchor: rawbpf::ifindex(lab.anchor_dev())?,
-            batch: batch.clamp(1, 256),
-        })
-    }
-
-    /// Loads the pacer's program for `frame` (cycling `flows` client ports).
-    pub fn load(&self, pacer: &Pacer, frame: &[u8], flows: u32) -> Result<Loaded> {
-        let prog = rawbpf::load_xdp("fwd_gen_tx", &pacer.program(frame, flows))?;
-        let anchor = rawbpf::attach_xdp(prog.as_fd(), self.anchor, rawbpf::AttachMode::Native)
-            .context("attach the generator program to the anchor veth")?;
-        Ok(Loaded {
-            prog,
-            _anchor: anchor,
-        })
-    }
-
-    /// Runs the program on `frame` `n` times in live-frames mode (each XDP_TX leaves
-    /// the hub towards the edge). A signal ends the call early.
-    pub fn send(&self, loaded: &Loaded, frame: &[u8], n: u32) -> Result<()> {
-        match rawbpf::test_run_live(loaded.prog.as_fd(), self.ifindex, 0, frame, n, self.batch) {
-            Ok(()) => Ok(()),
-            Err(e) if flynode_xsk::errno(&e) == Some(libc::EINTR) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
-    }
-}
-
-/// Datagrams counted by the container's socket.
-#[derive(Default)]
-pub struct Count {
-    pub datagrams: AtomicU64,
-    /// Datagrams whose size was not the one sent (should stay 0).
-    pub odd: AtomicU64,
-    pub stop: AtomicBool,
-    pub tid: AtomicI32,
-}
-
-/// The counting socket: bound to the container's service address (where flynode
-/// delivers and where plain routing sends), 64 MiB buffer, recvmmsg; runs on the
-/// calling thread, in the container, on `lab.sut_cpu`, until `count.stop`.
-pub fn consume(
-    lab: &Lab,
-    opts: &LoadOptions,
-    payload: usize,
-    count: &Count,
-    ready: &mpsc::Sender<Result<()>>,
-) -> Result<()> {
-    let setup = || -> Result<UdpSocket> {
-        sys::enter_netns(lab.container()).context("consumer: enter the container")?;
-        sys::pin(0, lab.sut_cpu).context("consumer: pin")?;
-        count.tid.store(sys::gettid(), Ordering::Relaxed);
-        let addr = Path::Plain.destination();
-        let sock = UdpSocket::bind(addr, opts.rcvbuf).with_context(|| format!("bind {addr}"))?;
-        sock.set_read_timeout(Some(Duration::from_millis(50)))?;
-        Ok(sock)
-    };
-    let sock = match setup() {
-        Ok(s) => {
-            let _ = ready.send(Ok(()));
-            s
-        }
-        Err(e) => {
-            let _ = ready.send(Err(anyhow!("{e:#}")));
-            return Err(e);
-        }
-    };
-    let mut batch = RecvBatch::new(opts.recv_batch);
-    while !count.stop.load(Ordering::Relaxed) {
-        if sock.recv_batch(&mut batch)? == 0 {
-            continue;
-        }
-        let (mut n, mut odd) = (0u64, 0u64);
-        for (_, d) in batch.iter() {
-            n += 1;
-            odd += u64::from(d.len() != payload);
-        }
-        count.datagrams.fetch_add(n, Ordering::Relaxed);
-        if odd > 0 {
-            count.odd.fetch_add(odd, Ordering::Relaxed);
-        }
-    }
-    Ok(())
 }
 
 /// A task whose CPU time is attributed.
@@ -332,6 +226,8 @@ pub struct Step {
     /// The SUT CPU's busy share (0..1) and its softirq share as /proc/stat counts it.
     pub sut_busy: f64,
     pub sut_softirq: f64,
+    /// Time the hypervisor ran something else on the SUT's vCPU (part of `sut_busy`).
+    pub sut_steal: f64,
     /// Share of the SUT CPU not explained by our tasks (other work on the machine,
     /// softirqs that interrupted the idle task).
     pub unattributed: f64,
@@ -352,8 +248,7 @@ impl Step {
         self.task_cpu
             .iter()
             .filter(|(l, _)| l.starts_with(prefix))
-            .map(|(_, v)| v)
-            .sum()
+            .fold(0.0, |sum, (_, v)| sum + v)
     }
 }
 
@@ -389,6 +284,7 @@ fn step_from(target: Option<f64>, a: &Snapshot, b: &Snapshot, tasks: &[Task], su
         task_cpu,
         sut_busy,
         sut_softirq: cpu.softirq as f64 / total,
+        sut_steal: cpu.steal as f64 / total,
         unattributed: (sut_busy - ours).max(0.0),
         breakdown: BTreeMap::new(),
     }
@@ -548,4 +444,44 @@ pub fn sleep_checked(seconds: f64) -> Result<()> {
 pub fn fill_source(i: u32) -> Ipv4Addr {
     let i = i + 1;
     Ipv4Addr::new(198, 18, 128 + (i >> 8) as u8, (i & 0xff) as u8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fill_sources_are_distinct_and_inside_198_18_128_0_17() {
+        let all: Vec<Ipv4Addr> = (0..30_000).map(fill_source).collect();
+        let unique: std::collections::BTreeSet<_> = all.iter().collect();
+        assert_eq!(unique.len(), all.len());
+        for a in &all {
+            let [x, y, z, _] = a.octets();
+            assert_eq!((x, y), (198, 18), "{a}");
+            assert!(z >= 128, "{a}");
+        }
+        assert_eq!(fill_source(0), Ipv4Addr::new(198, 18, 128, 1));
+    }
+
+    #[test]
+    fn loss_is_the_share_offered_but_not_delivered() {
+        let step = Step {
+            target: None,
+            offered_pps: 200.0,
+            delivered_pps: 150.0,
+            odd: 0,
+            rcvbuf_errors: 0,
+            softnet_drops: 0,
+            no_worker: 0,
+            task_cpu: vec![("edge flynode".into(), 0.25), ("edge napi".into(), 0.5)],
+            sut_busy: 1.0,
+            sut_softirq: 0.0,
+            sut_steal: 0.0,
+            unattributed: 0.0,
+            breakdown: BTreeMap::new(),
+        };
+        assert_eq!(step.loss(), 0.25);
+        assert_eq!(step.cpu_of("edge "), 0.75);
+        assert_eq!(step.cpu_of("worker "), 0.0);
+    }
 }
