@@ -138,8 +138,10 @@ counters!(
         edge_forwarded,
         /// Client datagrams delivered on this node (the edge is the worker).
         edge_local,
-        /// Dropped: the service has no live worker.
+        /// Dropped: the service has no worker at all.
         edge_no_worker,
+        /// Sent although no worker looked alive (silence may be our own overload).
+        edge_no_live_worker,
         /// Dropped: the service id is not in the routing map (a map change in flight).
         edge_unknown_service,
         /// Dropped: the datagram cannot fit the mesh MTU (an ICMP went to the client).
@@ -427,18 +429,36 @@ impl Forwarding {
         }
         let key = (Endpoint::new(client), Endpoint::new(anycast));
         let core = port.core();
+        // When no worker looks alive, silence may be our own doing: under overload the
+        // edge's receive ring drops the workers' keepalives too. Dropping everything
+        // would turn overload into total loss, so the flow keeps (or hashes to) a worker
+        // with its session as it is, counted as `edge_no_live_worker`.
+        let any_alive = || route.workers.iter().any(|w| self.alive(w, core));
         let pinned = self.edge.get(&key, now).and_then(|mesh| {
             route
                 .workers
                 .iter()
-                .find(|w| w.mesh.octets() == mesh && self.alive(w, core))
+                .find(|w| w.mesh.octets() == mesh && (self.alive(w, core) || !any_alive()))
         });
         let worker = match pinned {
             Some(w) => w,
             None => {
                 let flow = flow_bytes(&key);
                 let live = route.workers.iter().filter(|w| self.alive(w, core));
-                let Some(w) = hash::choose(&flow, live, |w| w.id.as_bytes(), |w| w.weight) else {
+                let chosen =
+                    hash::choose(&flow, live, |w| w.id.as_bytes(), |w| w.weight).or_else(|| {
+                        let w = hash::choose(
+                            &flow,
+                            route.workers.iter(),
+                            |w| w.id.as_bytes(),
+                            |w| w.weight,
+                        );
+                        if w.is_some() {
+                            c.edge_no_live_worker.fetch_add(1, Relaxed);
+                        }
+                        w
+                    });
+                let Some(w) = chosen else {
                     c.edge_no_worker.fetch_add(1, Relaxed);
                     return;
                 };
