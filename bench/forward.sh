@@ -58,47 +58,21 @@ case ${1:-} in
   -h | --help) usage; exit 0 ;;
 esac
 
-BENCH_DIR=$(cd "$(dirname "$0")" && pwd)
-REPO=$(cd "$BENCH_DIR/.." && pwd)
-exec 7>&2
-say() { echo "forward.sh: $*" >&7; }
-
-if [[ $(id -u) -ne 0 ]]; then
-  say "needs root (network namespaces, XDP, AF_XDP, BPF_PROG_RUN)"
-  exit 2
-fi
-
-need() { command -v "$1" >/dev/null 2>&1; }
-if ! need ethtool; then
-  say "installing ethtool"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q ethtool >/dev/null ||
-    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q ethtool >/dev/null; }
-fi
-for tool in ip sysctl; do
-  need "$tool" || { say "missing $tool (iproute2/procps)"; exit 2; }
-done
+BENCH_NAME=forward.sh
+BENCH_NEEDS_ROOT_FOR="network namespaces, XDP, AF_XDP, BPF_PROG_RUN"
+# shellcheck source=bench/lib.sh
+source "$(dirname "$0")/lib.sh"
 
 if [[ -z ${FLYNODE_BIN:-} ]]; then
   say "building flynode (cargo build --release -p flynode)"
   (cd "$REPO" && cargo build --release -q -p flynode)
   export FLYNODE_BIN=$REPO/target/release/flynode
 fi
-BIN=${FLYNODE_XDP_BENCH_BIN:-}
-if [[ -z $BIN ]]; then
-  say "building flynode-xdp-bench (cargo build --release)"
-  (cd "$REPO" && cargo build --release -q -p flynode-xdp-bench)
-  BIN=$REPO/target/release/flynode-xdp-bench
-fi
 
-CHILD=
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
-  if [[ -n $CHILD ]] && kill -0 "$CHILD" 2>/dev/null; then
-    kill -TERM "$CHILD" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$CHILD" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$CHILD" 2>/dev/null || true
-  fi
+  stop_child 100
   # The binary stops its daemons and removes its namespaces itself; this only catches a
   # binary killed outright: the daemons it started are the processes left in its
   # namespaces.
@@ -127,10 +101,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-read -r load1 _ </proc/loadavg
-if awk -v l="$load1" 'BEGIN { exit !(l > 0.5) }'; then
-  say "warning: load average $load1: other work on this machine skews the numbers"
-fi
+warn_if_loaded
 
 # Five runs: on this VM a path's peak varies by up to 1.5x from run to run.
 export BENCH_RUNS=${BENCH_RUNS:-5}

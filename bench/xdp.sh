@@ -52,42 +52,16 @@ case ${1:-} in
   -h | --help) usage; exit 0 ;;
 esac
 
-BENCH_DIR=$(cd "$(dirname "$0")" && pwd)
-REPO=$(cd "$BENCH_DIR/.." && pwd)
-exec 7>&2
-say() { echo "xdp.sh: $*" >&7; }
+BENCH_NAME=xdp.sh
+BENCH_NEEDS_ROOT_FOR="BPF programs, network namespaces, AF_XDP"
+# shellcheck source=bench/lib.sh
+source "$(dirname "$0")/lib.sh"
 
-if [[ $(id -u) -ne 0 ]]; then
-  say "needs root (BPF programs, network namespaces, AF_XDP)"
-  exit 2
-fi
 
-need() { command -v "$1" >/dev/null 2>&1; }
-if ! need ethtool; then
-  say "installing ethtool"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q ethtool >/dev/null ||
-    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q ethtool >/dev/null; }
-fi
-for tool in ip sysctl; do
-  need "$tool" || { say "missing $tool (iproute2/procps)"; exit 2; }
-done
-
-BIN=${FLYNODE_XDP_BENCH_BIN:-}
-if [[ -z $BIN ]]; then
-  say "building flynode-xdp-bench (cargo build --release)"
-  (cd "$REPO" && cargo build --release -q -p flynode-xdp-bench)
-  BIN=$REPO/target/release/flynode-xdp-bench
-fi
-
-CHILD=
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
-  if [[ -n $CHILD ]] && kill -0 "$CHILD" 2>/dev/null; then
-    kill -TERM "$CHILD" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$CHILD" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$CHILD" 2>/dev/null || true
-  fi
+  stop_child 50
   # The binary removes its namespaces itself; this only catches a binary killed outright.
   if [[ -n $CHILD ]]; then
     ip netns list 2>/dev/null | awk '{print $1}' |
@@ -99,10 +73,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-read -r load1 _ </proc/loadavg
-if awk -v l="$load1" 'BEGIN { exit !(l > 0.5) }'; then
-  say "warning: load average $load1: other work on this machine skews the numbers"
-fi
+warn_if_loaded
 
 "$BIN" "$@" &
 CHILD=$!

@@ -457,3 +457,42 @@ pub fn try_workers_of(
         })
         .collect()
 }
+
+/// Waits until `name` on `daemon` reaches `target` (up to 5 s) and returns its value
+/// then, so the caller asserts on it instead of sleeping a guessed time.
+pub fn counter_reaching(daemon: &Daemon, name: &str, target: u64) -> u64 {
+    flynode::netns::wait_for(Duration::from_secs(5), || {
+        Some(counter(daemon, name)).filter(|v| *v >= target)
+    })
+    .unwrap_or_else(|| counter(daemon, name))
+}
+
+impl Topology {
+    /// Waits until every running node's status satisfies `ready` (a routing change
+    /// applied everywhere, say).
+    pub fn wait_until_all(&self, what: &str, ready: impl Fn(&serde_json::Value) -> bool) {
+        let ok = flynode::netns::wait_for(Duration::from_secs(10), || {
+            self.daemons
+                .iter()
+                .flatten()
+                .all(|d| d.try_status().is_ok_and(|s| ready(&s)))
+                .then_some(())
+        });
+        assert!(
+            ok.is_some(),
+            "not every node got to: {what}; logs:\n{}",
+            self.logs()
+        );
+    }
+
+    /// Waits until every node runs a map whose service 1 has `workers` workers (0: the
+    /// service is gone).
+    pub fn wait_for_workers(&self, workers: usize) {
+        self.wait_until_all(&format!("service 1 with {workers} workers"), |s| {
+            s["forwarding"]["workers"]["1"]
+                .as_array()
+                .map_or(0, Vec::len)
+                == workers
+        });
+    }
+}

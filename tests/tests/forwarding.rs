@@ -4,8 +4,8 @@ use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
 use flynode_tests::forwarding::{
-    ServiceSpec, Topology, anycast, ask, client_addr, counter, parse_echo, try_workers_of,
-    workers_of,
+    ServiceSpec, Topology, anycast, ask, client_addr, counter, counter_reaching, parse_echo,
+    try_workers_of, workers_of,
 };
 use flynode_tests::node::require_root;
 
@@ -107,9 +107,11 @@ fn flows_stick_to_their_worker_across_edges_and_only_a_dead_workers_flows_move()
         "{after:?}; logs:\n{}",
         topo.logs()
     );
-    // Flows that were on worker 4 never moved: the edge's flow table says so.
+    // Worker 4 stayed live throughout: the edge never had to fall back to sending
+    // without a live worker, nor drop for want of one.
     let edge = topo.daemon(2).status();
     assert_eq!(edge["forwarding"]["counters"]["edge_no_worker"], 0);
+    assert_eq!(edge["forwarding"]["counters"]["edge_no_live_worker"], 0);
 }
 
 #[test]
@@ -124,9 +126,8 @@ fn adding_a_worker_live_moves_a_bounded_share_and_only_to_it() {
             .all(|w| w == "worker-2")
     );
     topo.set_services(&[ServiceSpec::echo(&[2, 3])]);
+    topo.wait_for_workers(2);
     topo.wait_for_mesh(MESH_UP);
-    // Let the watcher apply the map everywhere (it checks the file every 25 ms).
-    std::thread::sleep(Duration::from_millis(500));
     let moved = workers_of(&topo, old.clone(), false)
         .iter()
         .filter(|w| *w != "worker-2")
@@ -158,7 +159,10 @@ fn container_datagrams_that_match_no_flow_are_dropped_and_counted() {
             client.recv_from(&mut buf).is_err(),
             "an unmatched container datagram reached the client"
         );
-        assert_eq!(counter(topo.daemon(2), "reply_no_flow"), before + 1);
+        assert_eq!(
+            counter_reaching(topo.daemon(2), "reply_no_flow", before + 1),
+            before + 1
+        );
         // A real flow from the same client still works.
         assert!(ask(&client, anycast(v6), b"after").is_some());
     }
@@ -183,17 +187,18 @@ fn oversized_datagrams_are_answered_with_icmp_and_counted() {
         let delivered = counter(topo.daemon(2), "worker_delivered");
         let reply_oversize = counter(topo.daemon(2), "reply_oversize");
         client.send_to(&vec![b'x'; max], anycast(v6)).unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-        assert_eq!(counter(topo.daemon(2), "worker_delivered"), delivered + 1);
         assert_eq!(
-            counter(topo.daemon(2), "reply_oversize"),
+            counter_reaching(topo.daemon(2), "reply_oversize", reply_oversize + 1),
             reply_oversize + 1
         );
+        assert_eq!(counter(topo.daemon(2), "worker_delivered"), delivered + 1);
         let before = counter(topo.daemon(1), "edge_oversize");
         let icmp_before = counter(topo.daemon(1), "icmp_sent");
         client.send_to(&vec![b'y'; max + 1], anycast(v6)).unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-        assert_eq!(counter(topo.daemon(1), "edge_oversize"), before + 1);
+        assert_eq!(
+            counter_reaching(topo.daemon(1), "edge_oversize", before + 1),
+            before + 1
+        );
         assert_eq!(counter(topo.daemon(1), "icmp_sent"), icmp_before + 1);
         // The client's kernel learned the path MTU from our ICMP message.
         let family = if v6 { "-6" } else { "-4" };
@@ -278,7 +283,7 @@ fn a_service_added_then_removed_while_traffic_runs() {
     let (reply, _) = ask(&client, anycast(true), b"on").expect("reply");
     assert_eq!(parse_echo(&reply).1, client_addr(true, 48000));
     topo.set_services(&[]);
-    std::thread::sleep(Duration::from_millis(500));
+    topo.wait_for_workers(0);
     assert!(ask(&client, anycast(true), b"off").is_none());
     let w = topo.daemon(2).status();
     assert_eq!(

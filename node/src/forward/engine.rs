@@ -40,7 +40,7 @@ use flynode_tunnel::driver::{Forwarder, Port};
 use flynode_tunnel::io::udp::UdpSocket;
 use serde::{Deserialize, Serialize};
 
-use super::flows::{Endpoint, FlowCounters, FlowTable, Tick};
+use super::flows::{Endpoint, FlowCounters, FlowTable, Tick, flow_key_octets};
 use super::icmp::Icmp;
 use super::packet::{self, IPV6_HEADER, UDP_HEADER};
 use super::{hash, proxy};
@@ -443,7 +443,7 @@ impl Forwarding {
         let worker = match pinned {
             Some(w) => w,
             None => {
-                let flow = flow_bytes(&key);
+                let flow = flow_key_octets(&key);
                 let live = route.workers.iter().filter(|w| self.alive(w, core));
                 let chosen =
                     hash::choose(&flow, live, |w| w.id.as_bytes(), |w| w.weight).or_else(|| {
@@ -592,23 +592,6 @@ impl Forwarding {
             return;
         }
         self.send_to_client(anycast, client, payload);
-    }
-}
-
-/// The flow as the rendezvous hash sees it: both endpoints, 36 bytes.
-fn flow_bytes((a, b): &(Endpoint, Endpoint)) -> [u8; 36] {
-    let mut out = [0u8; 36];
-    out[..16].copy_from_slice(&ip16(a.ip()));
-    out[16..18].copy_from_slice(&a.port().to_be_bytes());
-    out[18..34].copy_from_slice(&ip16(b.ip()));
-    out[34..36].copy_from_slice(&b.port().to_be_bytes());
-    out
-}
-
-fn ip16(ip: IpAddr) -> [u8; 16] {
-    match ip {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-        IpAddr::V6(v6) => v6.octets(),
     }
 }
 
