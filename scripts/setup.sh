@@ -7,7 +7,9 @@ set -euo pipefail
 log() { printf 'setup: %s\n' "$*" >&2; }
 
 # Debian packages. The list is split by purpose so a reader knows why each is here.
-APT_BUILD=(build-essential pkg-config clang llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev)
+# protobuf-compiler + libprotobuf-dev (the well-known .proto files): etcd-client
+# generates its gRPC code at build time.
+APT_BUILD=(build-essential pkg-config protobuf-compiler libprotobuf-dev clang llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev)
 APT_NET=(iproute2 ethtool tcpdump iputils-ping netcat-openbsd wireguard-tools wireguard-go)
 APT_PKG=(lintian dpkg-dev fakeroot systemd)
 APT_FLEET=(etcd-server etcd-client)
