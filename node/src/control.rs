@@ -70,6 +70,26 @@ pub struct RoutingStatus {
     pub services: usize,
     /// (address, port) pairs in the XDP services map.
     pub service_endpoints: usize,
+    /// How many routing maps have been applied since start (1 = the initial one).
+    #[serde(default)]
+    pub generation: u64,
+    /// When the current map was applied (seconds since the Unix epoch).
+    #[serde(default)]
+    pub applied_unix: u64,
+    /// The control-plane source's state: "file", "connected", "disconnected: <why>"
+    /// (etcd unreachable: forwarding continues on the last good map).
+    #[serde(default)]
+    pub state: String,
+    /// etcd: the revision the applied map was read at.
+    #[serde(default)]
+    pub revision: Option<i64>,
+    /// etcd: whether the source is connected and watching (file: always true).
+    #[serde(default)]
+    pub connected: bool,
+    /// Records rejected by validation (etcd key or file, with the error); the rest of
+    /// the map applies without them.
+    #[serde(default)]
+    pub rejected: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -341,6 +361,12 @@ mod tests {
                 nodes: 1,
                 services: 2,
                 service_endpoints: 3,
+                generation: 1,
+                applied_unix: 0,
+                state: "file".into(),
+                revision: None,
+                connected: true,
+                rejected: BTreeMap::new(),
             },
             xdp: XdpStatus {
                 interface: "eth0".into(),

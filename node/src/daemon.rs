@@ -377,6 +377,12 @@ fn status(state: &State) -> anyhow::Result<Status> {
             nodes: state.routing.nodes.len(),
             services: state.routing.services.len(),
             service_endpoints: state.routing.service_endpoints().count(),
+            generation: 1,
+            applied_unix: 0,
+            state: "file".into(),
+            revision: None,
+            connected: true,
+            rejected: Default::default(),
         },
         xdp: XdpStatus {
             interface: state.xdp.interface().unwrap_or_default().to_owned(),
