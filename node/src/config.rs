@@ -71,6 +71,11 @@ pub struct WireguardConfig {
     /// inner packets to it are handled in flynode, never by the kernel.
     #[serde(deserialize_with = "de::port")]
     pub forward_port: u16,
+    /// The address peers reach this node's WireGuard at, as published in etcd
+    /// (`ip:port`). Default: the XDP interface's first global address (IPv4 first)
+    /// and `listen_port`. Not used with a routing file, which lists every endpoint.
+    #[serde(deserialize_with = "de::opt_socket_addr")]
+    pub endpoint: Option<SocketAddr>,
 }
 
 impl Default for WireguardConfig {
@@ -83,6 +88,7 @@ impl Default for WireguardConfig {
             key_grace: Duration::from_secs(600),
             persistent_keepalive: Duration::from_secs(25),
             forward_port: 51821,
+            endpoint: None,
         }
     }
 }
@@ -125,6 +131,10 @@ impl fmt::Display for XdpMode {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
+    /// Serve the Prometheus endpoint at all (a benchmark's baseline turns it off).
+    pub enabled: bool,
+    /// Where `GET /metrics` is served (plain HTTP: keep it on loopback or a management
+    /// network).
     #[serde(deserialize_with = "de::socket_addr")]
     pub listen: SocketAddr,
 }
@@ -132,6 +142,7 @@ pub struct MetricsConfig {
 impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig {
+            enabled: true,
             listen: SocketAddr::from(([127, 0, 0, 1], 9477)),
         }
     }

@@ -41,6 +41,10 @@ pub struct Status {
     pub region: String,
     pub public_key: String,
     pub public_key_fingerprint: String,
+    /// Seconds since the current key was made (generated or rotated in); `None` when
+    /// the key directory cannot tell.
+    #[serde(default)]
+    pub key_age_secs: Option<u64>,
     pub uptime_secs: u64,
     pub routing: RoutingStatus,
     pub xdp: XdpStatus,
@@ -355,6 +359,7 @@ mod tests {
             region: "r".into(),
             public_key: "k".into(),
             public_key_fingerprint: "f".into(),
+            key_age_secs: Some(86_400),
             uptime_secs: 3,
             routing: RoutingStatus {
                 source: "file".into(),

@@ -11,11 +11,12 @@ use flynode_keys::KeyDir;
 use flynode_xdp_common::{Counter, Verdict};
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::NotYetImplemented;
 use crate::config::{Config, SourceConfig};
 use crate::control::{
     ControlServer, MeshStatus, Request, Response, RoutingStatus, ServiceTraffic, Status, XdpStatus,
 };
+use crate::fleet::source::Source;
+use crate::fleet::{self, Layout, View};
 use crate::forward::engine::{ForwardConfig, Forwarding, ServiceSockets};
 use crate::forward::flows::Tick;
 use crate::forward::host::HostRoutes;
@@ -39,6 +40,26 @@ struct State {
     mesh: Arc<Mesh>,
     /// A key rotation in flight.
     grace: Option<Grace>,
+    /// The etcd source, when the map comes from etcd.
+    fleet: Option<Fleet>,
+    /// How many maps have been applied (1 = the initial one), and when the last was.
+    generation: u64,
+    applied: std::time::SystemTime,
+}
+
+/// The etcd side of the daemon.
+struct Fleet {
+    source: Source,
+    layout: Layout,
+    /// This node's WireGuard endpoint as published.
+    endpoint: std::net::SocketAddr,
+    /// Where the last applied view is kept, so that a restart while etcd is down
+    /// still starts with the fleet's map.
+    cache: std::path::PathBuf,
+    /// The revision of the applied view.
+    revision: Option<i64>,
+    /// Records left out of the applied map (key → why).
+    rejected: std::collections::BTreeMap<String, String>,
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
@@ -54,18 +75,138 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 fn load_routing(config: &Config) -> anyhow::Result<RoutingMap> {
     match &config.source {
         SourceConfig::File { path } => Ok(RoutingMap::load(path)?),
-        SourceConfig::Etcd { .. } => Err(NotYetImplemented(
-            "the etcd routing-map source comes with the fleet control plane; use `[source] file = ...`",
-        )
-        .into()),
+        SourceConfig::Etcd { .. } => {
+            anyhow::bail!("the routing map comes from etcd; it is applied as etcd changes")
+        }
     }
+}
+
+/// How long the daemon waits for etcd's first answer at start before it falls back
+/// to the cached view (or an empty map) and keeps trying in the background.
+const FIRST_VIEW_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Starts the etcd source and waits (bounded) for the first view.
+async fn start_fleet(
+    config: &Config,
+    public_key: &flynode_keys::PublicKey,
+) -> anyhow::Result<(Fleet, Option<Arc<View>>)> {
+    let SourceConfig::Etcd {
+        endpoints,
+        prefix,
+        lease_ttl,
+    } = &config.source
+    else {
+        anyhow::bail!("not an etcd source");
+    };
+    let layout = Layout::new(prefix);
+    let endpoint = fleet::advertised_endpoint(config)?;
+    let settings = fleet::source::Settings {
+        endpoints: endpoints.clone(),
+        layout: layout.clone(),
+        own_key: layout.node_key(config.node_id.as_str()),
+        lease_ttl: *lease_ttl,
+    };
+    let source = Source::spawn(settings, fleet::node_record(config, public_key, endpoint));
+    let cache = config
+        .key_dir
+        .parent()
+        .unwrap_or(&config.key_dir)
+        .join("etcd-view.json");
+    let mut views = source.views();
+    let first = match tokio::time::timeout(FIRST_VIEW_WAIT, views.wait_for(Option::is_some)).await {
+        Ok(Ok(view)) => view.clone(),
+        _ => {
+            let why = source.health().detail;
+            match read_cache(&cache) {
+                Ok(view) => {
+                    tracing::warn!(
+                        error = %why,
+                        cache = %cache.display(),
+                        revision = view.revision,
+                        "etcd did not answer at start: starting with the last view this node applied, retrying in the background"
+                    );
+                    Some(Arc::new(view))
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        error = %why,
+                        cache = %format!("{e:#}"),
+                        "etcd did not answer at start and there is no cached view: starting with an empty map, retrying in the background"
+                    );
+                    None
+                }
+            }
+        }
+    };
+    tracing::info!(
+        endpoints = %endpoints.join(","),
+        prefix = %layout.prefix(),
+        endpoint = %endpoint,
+        "routing map source: etcd"
+    );
+    Ok((
+        Fleet {
+            source,
+            layout,
+            endpoint,
+            cache,
+            revision: None,
+            rejected: Default::default(),
+        },
+        first,
+    ))
+}
+
+fn read_cache(path: &std::path::Path) -> anyhow::Result<View> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// Keeps the applied view for the next start (written to a temporary file and renamed,
+/// so a crash never leaves half a cache). Failure is logged, never fatal.
+fn write_cache(path: &std::path::Path, view: &View) {
+    let result = (|| -> anyhow::Result<()> {
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec(view)?)?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "could not cache the etcd view");
+    }
+}
+
+/// The map a view makes; new rejections are logged once each.
+fn assemble_view(fleet: &mut Fleet, view: &View) -> RoutingMap {
+    let assembled = view.assemble(&fleet.layout);
+    for (key, error) in &assembled.rejected {
+        if fleet.rejected.get(key) != Some(error) {
+            tracing::error!(key = %key, error = %error, "etcd record rejected; the rest of the map applies without it");
+        }
+    }
+    for (service, nodes) in &assembled.absent_workers {
+        tracing::debug!(service = %service, nodes = ?nodes, "workers on nodes without a record left out");
+    }
+    fleet.rejected = assembled.rejected;
+    fleet.revision = Some(view.revision);
+    assembled.map
 }
 
 async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
     let key_dir = KeyDir::open(&config.key_dir)?;
     let key = key_dir.load_current()?;
     let public_key = key.public_key();
-    let routing = load_routing(&config)?;
+    let (mut fleet, routing) = match &config.source {
+        SourceConfig::File { .. } => (None, load_routing(&config)?),
+        SourceConfig::Etcd { .. } => {
+            let (mut fleet, first) = start_fleet(&config, &public_key).await?;
+            let routing = first
+                .as_deref()
+                .map(|view| assemble_view(&mut fleet, view))
+                .unwrap_or_default();
+            (Some(fleet), routing)
+        }
+    };
     let mesh_config = mesh::mesh_config(&config)?;
     let sockets = ServiceSockets::default();
     let forwarding = Arc::new(Forwarding::new(
@@ -149,6 +290,11 @@ async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
         SourceConfig::File { path } => Some(path.clone()),
         SourceConfig::Etcd { .. } => None,
     };
+    let mut views = fleet.as_mut().map(|f| {
+        let mut views = f.source.views();
+        views.mark_unchanged();
+        views
+    });
     let state = Arc::new(Mutex::new(State {
         config,
         key_dir,
@@ -161,11 +307,32 @@ async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
         host,
         mesh,
         grace,
+        fleet,
+        generation: 1,
+        applied: std::time::SystemTime::now(),
     }));
     let answer = {
         let state = Arc::clone(&state);
         move |request| answer(&state, request)
     };
+    let metrics = state
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .config
+        .metrics
+        .clone();
+    if metrics.enabled {
+        let server = crate::metrics::MetricsServer::bind(metrics.listen).await?;
+        tracing::info!(listen = %metrics.listen, "metrics endpoint listening");
+        // Weak: the endpoint must not keep the state (XDP program, mesh) alive past
+        // shutdown; a scrape then gets a 500.
+        let state = Arc::downgrade(&state);
+        tokio::spawn(server.serve(move || {
+            let state = state.upgrade().context("the daemon is shutting down")?;
+            let state = state.lock().unwrap_or_else(PoisonError::into_inner);
+            status(&state)
+        }));
+    }
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
@@ -184,6 +351,10 @@ async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
                 _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break }
                 _ = sighup.recv() => reload(&state),
                 _ = tick.tick() => housekeeping(&state),
+                changed = next_view(views.as_mut()) => match changed {
+                    Some(view) => apply_view(&state, &view),
+                    None => views = None,
+                },
                 _ = watch.tick() => {
                     // A change is applied once the file has stayed the same for one
                     // whole interval: a file being rewritten in place can be caught
@@ -203,6 +374,17 @@ async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
         }
     }
     drop(control);
+    let fleet = state
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .fleet
+        .take();
+    if let Some(fleet) = fleet {
+        fleet
+            .source
+            .shutdown(std::time::Duration::from_secs(1))
+            .await;
+    }
     {
         let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
         let state = &mut *state;
@@ -236,42 +418,78 @@ fn file_stamp(path: &std::path::Path) -> Option<FileStamp> {
     Some((meta.modified().ok()?, meta.len(), meta.ino()))
 }
 
+/// The next view from etcd; `None` when there is no source (pending forever) or it
+/// is gone.
+async fn next_view(
+    views: Option<&mut tokio::sync::watch::Receiver<Option<Arc<View>>>>,
+) -> Option<Arc<View>> {
+    let Some(views) = views else {
+        return std::future::pending().await;
+    };
+    views.changed().await.ok()?;
+    views.borrow_and_update().clone()
+}
+
+fn apply_view(state: &Mutex<State>, view: &View) {
+    let mut guard = state.lock().unwrap_or_else(PoisonError::into_inner);
+    let state = &mut *guard;
+    let Some(fleet) = state.fleet.as_mut() else {
+        return;
+    };
+    if fleet.revision == Some(view.revision) {
+        return; // a resync that found nothing new
+    }
+    let routing = assemble_view(fleet, view);
+    write_cache(&fleet.cache, view);
+    let revision = view.revision;
+    apply_routing(state, routing);
+    tracing::debug!(revision, "etcd view applied");
+}
+
 fn reload(state: &Mutex<State>) {
     let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
+    if state.fleet.is_some() {
+        tracing::info!("SIGHUP: the map comes from etcd and is applied as it changes");
+        return;
+    }
     match load_routing(&state.config) {
-        Ok(routing) => {
-            if let Err(e) = mesh::apply_peers(&state.mesh, &state.config, &routing) {
-                tracing::error!(error = %format!("{e:#}"), "applying the reloaded mesh peers failed");
-            }
-            let report = state.forwarding.apply(&routing, state.mesh.core());
-            let state = &mut *state;
-            state.host.apply(&state.forwarding.local_targets());
-            if report.edge_flows_invalidated + report.worker_flows_invalidated > 0 {
-                tracing::info!(
-                    edge = report.edge_flows_invalidated,
-                    worker = report.worker_flows_invalidated,
-                    "flows of removed workers forgotten"
-                );
-            }
-            let native = state.xdp.mode() == Some(crate::xdp::AttachedMode::Native);
-            let entries =
-                endpoint_entries(&routing, &own_wireguard(&state.config, &routing, native));
-            if let Some(ingress) = &mut state.ingress {
-                ingress.apply(&entries);
-            }
-            match state.xdp.apply_endpoints(&entries) {
-                Ok(diff) => tracing::info!(
-                    added = diff.added,
-                    changed = diff.changed,
-                    removed = diff.removed,
-                    "routing map reloaded"
-                ),
-                Err(e) => tracing::error!(error = %e, "applying the reloaded routing map failed"),
-            }
-            state.routing = routing;
-        }
+        Ok(routing) => apply_routing(&mut state, routing),
         Err(e) => tracing::error!(error = %e, "routing map rejected, the last good map stays"),
     }
+}
+
+/// Applies a new routing map to peers, forwarding, reply rules, ingress sockets and the
+/// XDP maps, each as a diff against what is in force.
+fn apply_routing(state: &mut State, routing: RoutingMap) {
+    if let Err(e) = mesh::apply_peers(&state.mesh, &state.config, &routing) {
+        tracing::error!(error = %format!("{e:#}"), "applying the reloaded mesh peers failed");
+    }
+    let report = state.forwarding.apply(&routing, state.mesh.core());
+    state.host.apply(&state.forwarding.local_targets());
+    if report.edge_flows_invalidated + report.worker_flows_invalidated > 0 {
+        tracing::info!(
+            edge = report.edge_flows_invalidated,
+            worker = report.worker_flows_invalidated,
+            "flows of removed workers forgotten"
+        );
+    }
+    let native = state.xdp.mode() == Some(crate::xdp::AttachedMode::Native);
+    let entries = endpoint_entries(&routing, &own_wireguard(&state.config, &routing, native));
+    if let Some(ingress) = &mut state.ingress {
+        ingress.apply(&entries);
+    }
+    match state.xdp.apply_endpoints(&entries) {
+        Ok(diff) => tracing::info!(
+            added = diff.added,
+            changed = diff.changed,
+            removed = diff.removed,
+            "routing map reloaded"
+        ),
+        Err(e) => tracing::error!(error = %e, "applying the reloaded routing map failed"),
+    }
+    state.routing = routing;
+    state.generation += 1;
+    state.applied = std::time::SystemTime::now();
 }
 
 /// Once a second: end a key rotation's grace period when it is over.
@@ -303,6 +521,15 @@ fn answer(state: &Mutex<State>, request: Request) -> Response {
             ) {
                 Ok(grace) => {
                     state.grace = Some(grace);
+                    if let Some(fleet) = &state.fleet {
+                        let key =
+                            flynode_keys::PublicKey::from_bytes(state.mesh.core().public_key());
+                        fleet.source.publish(fleet::node_record(
+                            &state.config,
+                            &key,
+                            fleet.endpoint,
+                        ));
+                    }
                     Response::Rotation(mesh::rotation_status(&state.mesh, state.grace))
                 }
                 Err(e) => error(e),
@@ -324,7 +551,9 @@ fn status(state: &State) -> anyhow::Result<Status> {
         .collect();
     let source = match &state.config.source {
         SourceConfig::File { path } => format!("file {}", path.display()),
-        SourceConfig::Etcd { endpoints, prefix } => {
+        SourceConfig::Etcd {
+            endpoints, prefix, ..
+        } => {
             format!("etcd {} {prefix}", endpoints.join(","))
         }
     };
@@ -371,18 +600,42 @@ fn status(state: &State) -> anyhow::Result<Status> {
         region: state.config.region.to_string(),
         public_key: public_key.to_string(),
         public_key_fingerprint: public_key.fingerprint(),
+        key_age_secs: mesh::key_age(&state.key_dir),
         uptime_secs: state.started.elapsed().as_secs(),
         routing: RoutingStatus {
             source,
             nodes: state.routing.nodes.len(),
             services: state.routing.services.len(),
             service_endpoints: state.routing.service_endpoints().count(),
-            generation: 1,
-            applied_unix: 0,
-            state: "file".into(),
-            revision: None,
-            connected: true,
-            rejected: Default::default(),
+            generation: state.generation,
+            applied_unix: state
+                .applied
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            state: match &state.fleet {
+                None => "file".to_owned(),
+                Some(f) => {
+                    let h = f.source.health();
+                    if h.connected {
+                        "connected".to_owned()
+                    } else {
+                        format!(
+                            "disconnected: {} (forwarding on the last good map)",
+                            h.detail
+                        )
+                    }
+                }
+            },
+            revision: state.fleet.as_ref().and_then(|f| f.revision),
+            connected: state
+                .fleet
+                .as_ref()
+                .is_none_or(|f| f.source.health().connected),
+            rejected: state
+                .fleet
+                .as_ref()
+                .map(|f| f.rejected.clone())
+                .unwrap_or_default(),
         },
         xdp: XdpStatus {
             interface: state.xdp.interface().unwrap_or_default().to_owned(),

@@ -2,10 +2,12 @@
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod fleet;
 pub mod demo;
 pub mod forward;
 pub mod ingress;
 pub mod mesh;
+pub mod metrics;
 pub mod netns;
 pub mod routing;
 pub mod xdp;

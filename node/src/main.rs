@@ -55,9 +55,42 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Manage the fleet's services in etcd (the config's [source.etcd], or --etcd).
+    Services {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+        #[command(subcommand)]
+        command: ServicesCmd,
+    },
     /// Build a throwaway topology of network namespaces and show flynode at work (root).
     #[command(after_help = "Example:\n  sudo flynode demo")]
     Demo,
+}
+
+#[derive(clap::Args)]
+struct EtcdArgs {
+    /// Read [source.etcd] (endpoints, prefix) from this config.
+    #[arg(long, global = true, default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// etcd endpoints (comma-separated `http://host:port`), instead of the config's.
+    #[arg(long, global = true, value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Key prefix, with --etcd.
+    #[arg(long, global = true, default_value = "/flynode/")]
+    prefix: String,
+}
+
+#[derive(Subcommand)]
+enum ServicesCmd {
+    /// Validate a file of [[service]] entries against etcd, then write them (one
+    /// transaction; each replaces the service of the same name).
+    #[command(after_help = "Example:\n  flynode services apply services.toml")]
+    Apply { file: PathBuf },
+    /// List the services in etcd (and records that fail validation).
+    List,
+    /// Remove a service by name.
+    #[command(after_help = "Example:\n  flynode services remove dns")]
+    Remove { name: String },
 }
 
 #[derive(clap::Args)]
@@ -172,8 +205,86 @@ fn dispatch(command: Cmd) -> anyhow::Result<()> {
             socket,
             json,
         } => status(&config, socket, json),
+        Cmd::Services { etcd, command } => services(&etcd, command),
         Cmd::Demo => flynode::demo::run(),
     }
+}
+
+fn etcd_target(args: &EtcdArgs) -> anyhow::Result<flynode::fleet::services::Target> {
+    use flynode::fleet::Layout;
+    if !args.etcd.is_empty() {
+        return Ok(flynode::fleet::services::Target {
+            endpoints: args.etcd.clone(),
+            layout: Layout::new(&args.prefix),
+        });
+    }
+    match Config::load(&args.config)?.source {
+        flynode::config::SourceConfig::Etcd {
+            endpoints, prefix, ..
+        } => Ok(flynode::fleet::services::Target {
+            endpoints,
+            layout: Layout::new(&prefix),
+        }),
+        flynode::config::SourceConfig::File { path } => anyhow::bail!(
+            "{}: the routing map comes from the file {}, not etcd; edit that file, or pass --etcd",
+            args.config.display(),
+            path.display()
+        ),
+    }
+}
+
+fn services(args: &EtcdArgs, command: ServicesCmd) -> anyhow::Result<()> {
+    use flynode::fleet::services;
+    let target = etcd_target(args)?;
+    match command {
+        ServicesCmd::Apply { file } => {
+            let applied = services::apply(&target, &file)?;
+            println!(
+                "applied {} service(s) at revision {}: {}",
+                applied.services.len(),
+                applied.revision,
+                applied.services.join(", ")
+            );
+            if !applied.absent_nodes.is_empty() {
+                println!(
+                    "note: no node record (yet) for worker node(s) {}; their workers count once they register",
+                    applied.absent_nodes.join(", ")
+                );
+            }
+        }
+        ServicesCmd::List => {
+            let (list, broken) = services::list(&target)?;
+            println!(
+                "{:<6} {:<20} {:<40} {:<16} workers",
+                "id", "name", "anycast", "ports"
+            );
+            for s in &list {
+                let anycast: Vec<String> = s.anycast.iter().map(ToString::to_string).collect();
+                let ports: Vec<String> = s.ports.iter().map(ToString::to_string).collect();
+                let workers: Vec<String> = s
+                    .workers
+                    .iter()
+                    .map(|w| format!("{}(w{})", w.node, w.weight))
+                    .collect();
+                println!(
+                    "{:<6} {:<20} {:<40} {:<16} {}",
+                    s.id,
+                    s.name,
+                    anycast.join(","),
+                    ports.join(","),
+                    workers.join(" ")
+                );
+            }
+            for (key, error) in &broken {
+                println!("invalid: {key}: {error}");
+            }
+        }
+        ServicesCmd::Remove { name } => {
+            services::remove(&target, &name)?;
+            println!("removed service {name}");
+        }
+    }
+    Ok(())
 }
 
 fn check_config(path: &Path) -> anyhow::Result<()> {
@@ -340,8 +451,15 @@ fn status(config: &Path, socket: Option<PathBuf>, json: bool) -> anyhow::Result<
         status.node_id, status.region, status.version
     );
     println!(
-        "key       {} ({})",
-        status.public_key_fingerprint, status.public_key
+        "key       {} ({}), {}",
+        status.public_key_fingerprint,
+        status.public_key,
+        status
+            .key_age_secs
+            .map_or("age unknown".to_owned(), |s| format!(
+                "made {} ago",
+                humantime::format_duration(std::time::Duration::from_secs(s))
+            ))
     );
     println!("uptime    {}s", status.uptime_secs);
     println!(
@@ -464,5 +582,30 @@ fn status(config: &Path, socket: Option<PathBuf>, json: bool) -> anyhow::Result<
             counters.join(", ")
         }
     );
+    for (name, s) in &fwd.services {
+        let nonzero = |m: &std::collections::BTreeMap<String, u64>| -> String {
+            let items: Vec<String> = m
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect();
+            if items.is_empty() {
+                "none".to_owned()
+            } else {
+                items.join(", ")
+            }
+        };
+        println!(
+            "  service {name} (id {}): forwarded {}; dropped {}{}",
+            s.id,
+            nonzero(&s.forwarded),
+            nonzero(&s.dropped),
+            if s.no_live_worker > 0 {
+                format!("; {} sent with no live worker", s.no_live_worker)
+            } else {
+                String::new()
+            }
+        );
+    }
     Ok(())
 }

@@ -198,6 +198,19 @@ pub fn maybe_end_grace(key_dir: &KeyDir, mesh: &Mesh, grace: Grace) -> bool {
     true
 }
 
+/// Seconds since the current key was made, from the key directory's state (the key
+/// file's modification time for a key put in place by hand); `None` if it cannot be
+/// read, which `flynode status` and the metrics show as unknown rather than failing.
+pub fn key_age(key_dir: &KeyDir) -> Option<u64> {
+    match key_dir.state() {
+        Ok(state) => Some(unix_now().saturating_sub(state.current?.created_at)),
+        Err(e) => {
+            tracing::debug!(error = %e, "reading the key directory's state for the key age");
+            None
+        }
+    }
+}
+
 /// Status of one peer for `flynode status`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PeerInfo {

@@ -117,6 +117,33 @@ impl Worker {
     }
 }
 
+/// One etcd record: the key's value, and what the key says it is.
+#[derive(Debug, Clone, Copy)]
+pub struct Record<'a> {
+    /// The full etcd key (names the record in errors).
+    pub key: &'a str,
+    pub kind: RecordKind,
+    /// The key's last segment: the node id or service name the record must carry.
+    pub name: &'a str,
+    pub text: &'a str,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordKind {
+    Node,
+    Service,
+}
+
+/// A map built from records, with what was left out of it.
+#[derive(Debug, Default)]
+pub struct Assembled {
+    pub map: RoutingMap,
+    /// etcd key -> why the record was left out.
+    pub rejected: BTreeMap<String, String>,
+    /// Service name -> the nodes its left-out workers name (not registered: down).
+    pub absent_workers: BTreeMap<String, Vec<NodeId>>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RoutingError {
     #[error("{}: cannot read routing map: {source}", .path.display())]
@@ -138,6 +165,75 @@ impl RoutingMap {
     pub fn parse(text: &str, origin: &Path) -> Result<RoutingMap, RoutingError> {
         let raw: file::RoutingFile = toml_error::from_str(text, origin)?;
         Ok(raw.validate(text, origin)?)
+    }
+
+    /// Builds a map from etcd records, each checked on its own and against the records
+    /// before it: nodes first, then services, each in the order given (the caller
+    /// orders by creation revision, so on a conflict the older record wins). A bad
+    /// record is left out and named in [`Assembled::rejected`]; the rest still applies.
+    pub fn assemble<'a>(records: impl IntoIterator<Item = Record<'a>>) -> Assembled {
+        let mut builder = file::Builder::default();
+        let mut rejected = BTreeMap::new();
+        let mut absent_workers = BTreeMap::new();
+        let (nodes, services): (Vec<_>, Vec<_>) = records
+            .into_iter()
+            .partition(|r| r.kind == RecordKind::Node);
+        for record in nodes.into_iter().chain(services) {
+            let origin = Path::new(record.key);
+            let added = file::RecordEntry::parse(
+                record.text,
+                origin,
+                record.kind == RecordKind::Service,
+                record.name,
+            )
+            .and_then(|entry| {
+                let mut absent = Vec::new();
+                builder.add_record(entry, record.text, origin, &mut absent)?;
+                if !absent.is_empty() {
+                    absent_workers.insert(record.name.to_owned(), absent);
+                }
+                Ok(())
+            });
+            if let Err(e) = added {
+                rejected.insert(record.key.to_owned(), e.to_string());
+            }
+        }
+        Assembled {
+            map: builder.finish(),
+            rejected,
+            absent_workers,
+        }
+    }
+
+    /// Parses a file of `[[service]]` entries (what `flynode services apply` takes),
+    /// checking each service as [`RoutingMap::assemble`] would against `existing`
+    /// (the map in etcd, without the services the file replaces). Workers on nodes
+    /// that are not registered are allowed (they may be down) and named.
+    pub fn parse_services(
+        text: &str,
+        origin: &Path,
+        existing: &RoutingMap,
+    ) -> Result<(Vec<Service>, Vec<NodeId>), RoutingError> {
+        let raw: file::RoutingFile = toml_error::from_str(text, origin)?;
+        let entries = raw.into_services(text, origin)?;
+        let mut builder = file::Builder::default();
+        let mut absent = Vec::new();
+        // The existing map is valid as a whole; re-adding it through the builder's
+        // records only to seed the uniqueness checks.
+        builder.seed(existing);
+        let mut names = Vec::new();
+        for (i, entry) in entries.into_iter().enumerate() {
+            names.push(entry.name().clone());
+            builder.add_file_service(entry, i, text, origin, &mut absent)?;
+        }
+        let map = builder.finish();
+        let services = names
+            .iter()
+            .filter_map(|n| map.services.values().find(|s| &s.name == n).cloned())
+            .collect();
+        absent.sort();
+        absent.dedup();
+        Ok((services, absent))
     }
 
     /// Every (anycast address, port) a service answers on, with its service: the

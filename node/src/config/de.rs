@@ -180,6 +180,12 @@ pub(crate) fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr,
     SockAddr::deserialize(d).map(|a| a.0)
 }
 
+pub(crate) fn opt_socket_addr<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<SocketAddr>, D::Error> {
+    SockAddr::deserialize(d).map(|a| Some(a.0))
+}
+
 /// A positive duration in humantime syntax ("90s", "2m", "1h 30m").
 pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     parse_str(

@@ -16,8 +16,11 @@ pub enum SourceConfig {
     Etcd {
         /// `http://host:port` or `https://host:port`; at least one.
         endpoints: Vec<String>,
-        /// Always starts with '/'.
+        /// Always starts and ends with '/'.
         prefix: String,
+        /// TTL of the lease this node's record is published under: a node that dies
+        /// disappears from the others' maps this long after its last keepalive.
+        lease_ttl: std::time::Duration,
     },
 }
 
@@ -46,6 +49,25 @@ struct EtcdTable {
     endpoints: Vec<String>,
     #[serde(default = "default_prefix", deserialize_with = "prefix")]
     prefix: String,
+    #[serde(default = "default_lease_ttl", deserialize_with = "lease_ttl")]
+    lease_ttl: std::time::Duration,
+}
+
+fn default_lease_ttl() -> std::time::Duration {
+    std::time::Duration::from_secs(10)
+}
+
+/// etcd leases have whole-second TTLs; below 2 s a keepalive every TTL/3 would race the
+/// expiry on a loaded host.
+fn lease_ttl<'de, D: Deserializer<'de>>(d: D) -> Result<std::time::Duration, D::Error> {
+    let ttl = de::duration(d)?;
+    if ttl < std::time::Duration::from_secs(2) || ttl.subsec_nanos() != 0 {
+        return Err(serde::de::Error::custom(format!(
+            "must be a whole number of seconds, at least 2 s (got {})",
+            humantime::format_duration(ttl)
+        )));
+    }
+    Ok(ttl)
 }
 
 impl TryFrom<SourceTable> for SourceConfig {
@@ -57,6 +79,7 @@ impl TryFrom<SourceTable> for SourceConfig {
             (None, Some(etcd)) => Ok(SourceConfig::Etcd {
                 endpoints: etcd.endpoints,
                 prefix: etcd.prefix,
+                lease_ttl: etcd.lease_ttl,
             }),
             (None, None) => Ok(SourceConfig::default()),
         }
@@ -74,7 +97,13 @@ fn default_prefix() -> String {
 fn prefix<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     de::parse_str(d, "an etcd key prefix starting with '/'", |s| {
         if s.starts_with('/') {
-            Ok(s.to_owned())
+            // Keys are `<prefix>nodes/<id>`: a prefix without the final '/' would
+            // also match `/flynode-staging/...`.
+            Ok(if s.ends_with('/') {
+                s.to_owned()
+            } else {
+                format!("{s}/")
+            })
         } else {
             Err(format!("must start with '/', got {}", quoted(s)))
         }

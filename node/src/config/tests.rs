@@ -34,7 +34,7 @@ worker_max = 2048
 idle_timeout = "1m 30s"
 "#;
 
-const MINIMAL: &str = r#"region = "ams"
+pub(crate) const MINIMAL: &str = r#"region = "ams"
 mesh_address = "fd00:f1::1"
 
 [xdp]
@@ -75,6 +75,7 @@ fn full_config_parses_every_field() {
                 "https://[fd00::2]:2379".into()
             ],
             prefix: "/mesh/".into(),
+            lease_ttl: std::time::Duration::from_secs(10),
         }
     );
     assert_eq!(
@@ -109,6 +110,7 @@ fn minimal_config_gets_documented_defaults() {
         config.metrics.listen,
         "127.0.0.1:9477".parse::<SocketAddr>().unwrap()
     );
+    assert!(config.metrics.enabled);
     assert_eq!(config.flows.edge_max, 1_048_576);
     assert_eq!(config.flows.worker_max, 1_048_576);
     assert_eq!(config.flows.idle_timeout, Duration::from_secs(120));
@@ -124,7 +126,8 @@ fn etcd_prefix_defaults_and_file_source_parses() {
         etcd.source,
         SourceConfig::Etcd {
             endpoints: vec!["http://e:2379".into()],
-            prefix: "/flynode/".into()
+            prefix: "/flynode/".into(),
+            lease_ttl: std::time::Duration::from_secs(10),
         }
     );
     let file = parse(&format!("{MINIMAL}[source]\nfile = \"/srv/r.toml\"\n")).unwrap();
@@ -163,7 +166,7 @@ fn unknown_nested_field_names_its_table() {
         err(&format!(
             "{MINIMAL}[source.etcd]\nendpoints = [\"http://e:1\"]\nuser = \"x\"\n"
         )),
-        "/etc/flynode/flynode.toml:8:1: source.etcd: unknown field `user`, expected `endpoints` or `prefix`"
+        "/etc/flynode/flynode.toml:8:1: source.etcd: unknown field `user`, expected one of `endpoints`, `prefix`, `lease_ttl`"
     );
 }
 
@@ -461,4 +464,15 @@ fn garbled_config_never_panics_and_errors_stay_one_line() {
             }
         }
     }
+}
+
+#[test]
+fn metrics_can_be_turned_off_and_reject_unknown_fields() {
+    let config = parse(&format!("{MINIMAL}[metrics]\nenabled = false\n")).unwrap();
+    assert!(!config.metrics.enabled);
+    assert_eq!(config.metrics.listen, MetricsConfig::default().listen);
+    assert_eq!(
+        err(&format!("{MINIMAL}[metrics]\nenable = false\n")),
+        "/etc/flynode/flynode.toml:7:1: metrics: unknown field `enable`, expected `enabled` or `listen`"
+    );
 }

@@ -31,7 +31,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -40,6 +40,9 @@ use flynode_tunnel::driver::{Forwarder, Port};
 use flynode_tunnel::io::udp::UdpSocket;
 use serde::{Deserialize, Serialize};
 
+pub use super::counters::{
+    ForwardCounters, Hop, ServiceCounters, ServiceDrop, ServiceForwardStatus,
+};
 use super::flows::{Endpoint, FlowCounters, FlowTable, Tick, flow_key_octets};
 use super::icmp::Icmp;
 use super::packet::{self, IPV6_HEADER, UDP_HEADER};
@@ -94,11 +97,14 @@ struct WorkerRef {
 }
 
 struct ServiceRoute {
+    name: Arc<str>,
     proxy_protocol: bool,
     workers: Vec<WorkerRef>,
     /// This node's containers for the service, if it is one of its workers.
     local_v4: Option<SocketAddr>,
     local_v6: Option<SocketAddr>,
+    /// Carried over from the previous table for the same service id.
+    counters: Arc<ServiceCounters>,
 }
 
 impl ServiceRoute {
@@ -114,74 +120,14 @@ struct Table {
     endpoints: HashMap<SocketAddr, u32>,
 }
 
-macro_rules! counters {
-    ($(#[$m:meta])* $name:ident { $($(#[$fm:meta])* $field:ident),* $(,)? }) => {
-        $(#[$m])*
-        #[derive(Debug, Default)]
-        pub struct $name { $($(#[$fm])* pub $field: AtomicU64,)* }
-        impl $name {
-            /// Every counter by name.
-            pub fn snapshot(&self) -> std::collections::BTreeMap<String, u64> {
-                [$((stringify!($field), &self.$field)),*]
-                    .into_iter()
-                    .map(|(k, v)| (k.to_owned(), v.load(Relaxed)))
-                    .collect()
-            }
-        }
-    };
-}
-
-counters!(
-    /// What the forwarding layer did with each datagram; plain atomics (no locks to read).
-    ForwardCounters {
-        /// Client datagrams sent through the mesh to a worker.
-        edge_forwarded,
-        /// Client datagrams delivered on this node (the edge is the worker).
-        edge_local,
-        /// Dropped: the service has no worker at all.
-        edge_no_worker,
-        /// Sent although no worker looked alive (silence may be our own overload).
-        edge_no_live_worker,
-        /// Dropped: the service id is not in the routing map (a map change in flight).
-        edge_unknown_service,
-        /// Dropped: the datagram cannot fit the mesh MTU (an ICMP went to the client).
-        edge_oversize,
-        /// Dropped: the tunnel refused the packet (no session endpoint, buffer).
-        edge_tunnel_drops,
-        /// ICMP "too big" messages sent to clients, and those the rate limit held back.
-        icmp_sent,
-        icmp_rate_limited,
-        icmp_errors,
-        /// Datagrams written into the TUN for a container.
-        worker_delivered,
-        /// Dropped: not a UDP inner packet, or an IPv4 one.
-        worker_bad_inner,
-        /// Dropped: the PROXY v2 header did not decode (or was a LOCAL command).
-        worker_bad_proxy,
-        /// Dropped: this node serves no container for the datagram's service and family.
-        worker_not_serving,
-        /// Container replies sent through the mesh to their edge.
-        reply_forwarded,
-        /// Container replies sent to the client from this node (edge == worker).
-        reply_local,
-        /// Dropped: a packet from a container that matches no flow.
-        reply_no_flow,
-        /// Dropped: a packet routed into the TUN that is not a forwardable UDP datagram.
-        reply_not_udp,
-        /// Dropped: a reply too large for the mesh MTU.
-        reply_oversize,
-        /// Dropped: the tunnel refused the reply.
-        reply_tunnel_drops,
-        /// Replies sent to clients from the anycast address.
-        client_replies,
-        /// Dropped at the edge: a reply for a flow this edge does not hold for that worker.
-        client_reply_unknown_flow,
-        /// Dropped at the edge: no socket for the anycast address and port.
-        client_reply_no_socket,
-        /// Dropped at the edge: sendto failed.
-        client_reply_errors,
+impl Table {
+    /// The service answering on `anycast` (address, port).
+    fn service_at(&self, anycast: &SocketAddr) -> Option<&ServiceRoute> {
+        self.endpoints
+            .get(anycast)
+            .and_then(|id| self.services.get(id))
     }
-);
+}
 
 /// Flow tables in `flynode status`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -232,6 +178,9 @@ pub struct ForwardStatus {
     /// Service id → its workers.
     pub workers: std::collections::BTreeMap<String, Vec<WorkerStatus>>,
     pub counters: std::collections::BTreeMap<String, u64>,
+    /// Service name → its share of the counters.
+    #[serde(default)]
+    pub services: std::collections::BTreeMap<String, ServiceForwardStatus>,
 }
 
 /// What applying a routing map changed.
@@ -284,9 +233,16 @@ impl Forwarding {
     /// worker flows to a container this node no longer serves, are forgotten; every
     /// other flow stays where it is.
     pub fn apply(&self, routing: &RoutingMap, core: &Core) -> ApplyReport {
+        let previous = self.table.load();
         let mut table = Table::default();
         for service in routing.services.values() {
             let mut route = ServiceRoute {
+                name: Arc::from(service.name.as_str()),
+                counters: previous
+                    .services
+                    .get(&service.id.get())
+                    .map(|r| Arc::clone(&r.counters))
+                    .unwrap_or_default(),
                 proxy_protocol: service.proxy_protocol,
                 workers: Vec::with_capacity(service.workers.len()),
                 local_v4: None,
@@ -395,6 +351,11 @@ impl Forwarding {
             worker_flows: FlowStatus::of(&self.worker),
             workers,
             counters: self.counters.snapshot(),
+            services: table
+                .services
+                .iter()
+                .map(|(id, s)| (s.name.to_string(), s.counters.status(*id)))
+                .collect(),
         }
     }
 
@@ -424,6 +385,7 @@ impl Forwarding {
         let v6 = anycast.is_ipv6();
         if payload.len() > self.max_payload(v6) {
             c.edge_oversize.fetch_add(1, Relaxed);
+            route.counters.count_drop(ServiceDrop::EdgeOversize);
             self.too_big(client, anycast, payload);
             return;
         }
@@ -455,11 +417,13 @@ impl Forwarding {
                         );
                         if w.is_some() {
                             c.edge_no_live_worker.fetch_add(1, Relaxed);
+                            route.counters.no_live_worker.fetch_add(1, Relaxed);
                         }
                         w
                     });
                 let Some(w) = chosen else {
                     c.edge_no_worker.fetch_add(1, Relaxed);
+                    route.counters.count_drop(ServiceDrop::EdgeNoWorker);
                     return;
                 };
                 self.edge.insert(key, w.mesh.octets(), now);
@@ -472,6 +436,7 @@ impl Forwarding {
         };
         let Some(peer) = &worker.peer else {
             c.edge_local.fetch_add(1, Relaxed);
+            route.counters.count_hop(Hop::EdgeToLocalWorker);
             self.deliver(
                 route,
                 client,
@@ -490,9 +455,15 @@ impl Forwarding {
             Some(port.to_peer(peer, &buf[..len]))
         });
         match sent {
-            Some(Ok(())) => c.edge_forwarded.fetch_add(1, Relaxed),
-            _ => c.edge_tunnel_drops.fetch_add(1, Relaxed),
-        };
+            Some(Ok(())) => {
+                c.edge_forwarded.fetch_add(1, Relaxed);
+                route.counters.count_hop(Hop::EdgeToWorker);
+            }
+            _ => {
+                c.edge_tunnel_drops.fetch_add(1, Relaxed);
+                route.counters.count_drop(ServiceDrop::EdgeTunnelDrops);
+            }
+        }
     }
 
     /// Worker: writes `client → container` into the TUN and remembers the flow.
@@ -511,6 +482,7 @@ impl Forwarding {
         let c = &self.counters;
         let Some(target) = route.local(client.is_ipv6()) else {
             c.worker_not_serving.fetch_add(1, Relaxed);
+            route.counters.count_drop(ServiceDrop::WorkerNotServing);
             return;
         };
         self.worker.insert(
@@ -531,14 +503,24 @@ impl Forwarding {
             packet::write_udp(buf, client, target, parts).unwrap_or(0)
         });
         c.worker_delivered.fetch_add(1, Relaxed);
+        route.counters.count_hop(Hop::WorkerToContainer);
     }
 
     /// Edge: sends a reply payload from the anycast address to the client.
-    fn send_to_client(&self, anycast: SocketAddr, client: SocketAddr, payload: &[u8]) {
+    fn send_to_client(
+        &self,
+        anycast: SocketAddr,
+        client: SocketAddr,
+        payload: &[u8],
+        service: Option<&ServiceCounters>,
+    ) {
         let c = &self.counters;
         let sockets = self.sockets.load();
         let Some(socket) = sockets.get(&anycast) else {
             c.client_reply_no_socket.fetch_add(1, Relaxed);
+            if let Some(s) = service {
+                s.count_drop(ServiceDrop::ClientReplyNoSocket);
+            }
             return;
         };
         let to = nix::sys::socket::SockaddrStorage::from(client);
@@ -548,9 +530,19 @@ impl Forwarding {
             &to,
             nix::sys::socket::MsgFlags::MSG_DONTWAIT,
         ) {
-            Ok(_) => c.client_replies.fetch_add(1, Relaxed),
-            Err(_) => c.client_reply_errors.fetch_add(1, Relaxed),
-        };
+            Ok(_) => {
+                c.client_replies.fetch_add(1, Relaxed);
+                if let Some(s) = service {
+                    s.count_hop(Hop::EdgeToClient);
+                }
+            }
+            Err(_) => {
+                c.client_reply_errors.fetch_add(1, Relaxed);
+                if let Some(s) = service {
+                    s.count_drop(ServiceDrop::ClientReplyErrors);
+                }
+            }
+        }
     }
 
     fn too_big(&self, client: SocketAddr, anycast: SocketAddr, payload: &[u8]) {
@@ -575,7 +567,7 @@ impl Forwarding {
         };
     }
 
-    /// Edge: a reply from `from_mesh` for the flow (client, anycast).
+    /// Edge: a reply from `from_mesh` for the flow (client, anycast) of `service`.
     fn client_reply(
         &self,
         anycast: SocketAddr,
@@ -583,15 +575,19 @@ impl Forwarding {
         payload: &[u8],
         from_mesh: [u8; 16],
         now: Tick,
+        service: Option<&ServiceCounters>,
     ) {
         let key = (Endpoint::new(client), Endpoint::new(anycast));
         if self.edge.get(&key, now) != Some(from_mesh) {
             self.counters
                 .client_reply_unknown_flow
                 .fetch_add(1, Relaxed);
+            if let Some(s) = service {
+                s.count_drop(ServiceDrop::ClientReplyUnknownFlow);
+            }
             return;
         }
-        self.send_to_client(anycast, client, payload);
+        self.send_to_client(anycast, client, payload, service);
     }
 }
 
@@ -616,16 +612,14 @@ impl Forwarder for Forwarding {
             return;
         };
         let payload = &udp.payload[hlen..];
+        let table = self.table.load();
         if header.tlv(TLV_REPLY) == Some(REPLY) {
-            self.client_reply(src, dst, payload, sender.octets(), now);
+            // A reply's header runs anycast → client.
+            let service = table.service_at(&src).map(|r| &*r.counters);
+            self.client_reply(src, dst, payload, sender.octets(), now, service);
             return;
         }
-        let table = self.table.load();
-        let Some(route) = table
-            .endpoints
-            .get(&dst)
-            .and_then(|id| table.services.get(id))
-        else {
+        let Some(route) = table.service_at(&dst) else {
             c.worker_not_serving.fetch_add(1, Relaxed);
             return;
         };
@@ -655,13 +649,21 @@ impl Forwarder for Forwarding {
         };
         let anycast = flow.anycast.socket_addr();
         let client = udp.dst;
+        let table = self.table.load();
+        let service = table.service_at(&anycast).map(|r| &*r.counters);
         if flow.edge == self.config.mesh_address.octets() {
             c.reply_local.fetch_add(1, Relaxed);
-            self.client_reply(anycast, client, udp.payload, flow.edge, now);
+            if let Some(s) = service {
+                s.count_hop(Hop::WorkerToLocalEdge);
+            }
+            self.client_reply(anycast, client, udp.payload, flow.edge, now, service);
             return;
         }
         if udp.payload.len() + REPLY_TLV_LEN > self.max_payload(client.is_ipv6()) {
             c.reply_oversize.fetch_add(1, Relaxed);
+            if let Some(s) = service {
+                s.count_drop(ServiceDrop::ReplyOversize);
+            }
             return;
         }
         let mut header = [0u8; PROXY_BUF];
@@ -679,8 +681,18 @@ impl Forwarder for Forwarding {
             Some(port.to_mesh(&buf[..len]))
         });
         match sent {
-            Some(Ok(())) => c.reply_forwarded.fetch_add(1, Relaxed),
-            _ => c.reply_tunnel_drops.fetch_add(1, Relaxed),
-        };
+            Some(Ok(())) => {
+                c.reply_forwarded.fetch_add(1, Relaxed);
+                if let Some(s) = service {
+                    s.count_hop(Hop::WorkerToEdge);
+                }
+            }
+            _ => {
+                c.reply_tunnel_drops.fetch_add(1, Relaxed);
+                if let Some(s) = service {
+                    s.count_drop(ServiceDrop::ReplyTunnelDrops);
+                }
+            }
+        }
     }
 }

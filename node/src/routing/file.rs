@@ -12,7 +12,7 @@ use toml::Spanned;
 
 use super::{Node, RoutingMap, Service, ServiceId, ServiceName, Worker};
 use crate::config::de::{self, MeshV4, Port, UlaAddr};
-use crate::config::toml_error::quoted;
+use crate::config::toml_error::{self, quoted};
 use crate::config::{Location, NodeId, Region, TomlError};
 
 #[derive(Deserialize)]
@@ -26,7 +26,7 @@ pub(super) struct RoutingFile {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct NodeEntry {
+pub(super) struct NodeEntry {
     id: Spanned<NodeId>,
     region: Region,
     public_key: Spanned<Key>,
@@ -39,7 +39,7 @@ struct NodeEntry {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ServiceEntry {
+pub(super) struct ServiceEntry {
     id: Spanned<ServiceId>,
     name: Spanned<ServiceName>,
     anycast: Spanned<Vec<Spanned<Anycast>>>,
@@ -159,10 +159,13 @@ impl<'de> Deserialize<'de> for Anycast {
     }
 }
 
-/// Builds located errors for one file.
-struct Errors<'a> {
+/// Builds located errors for one text: the whole routing file, or one etcd record.
+pub(super) struct Errors<'a> {
     text: &'a str,
     origin: &'a Path,
+    /// The text is one record (an etcd key): other values are placed by their record's
+    /// name instead of a line of this text.
+    record: bool,
 }
 
 impl Errors<'_> {
@@ -170,70 +173,243 @@ impl Errors<'_> {
         TomlError::at(self.origin, self.text, value.span(), field, message)
     }
 
-    fn line<T>(&self, value: &Spanned<T>) -> usize {
-        Location::of_offset(self.text, value.span().start).line
+    /// Where a value is, for "already used by … (<place>)": `line 12` in a file, the
+    /// etcd key for a record.
+    fn place<T>(&self, value: &Spanned<T>) -> String {
+        if self.record {
+            self.origin.display().to_string()
+        } else {
+            format!(
+                "line {}",
+                Location::of_offset(self.text, value.span().start).line
+            )
+        }
     }
 }
 
 impl RoutingFile {
     pub(super) fn validate(self, text: &str, origin: &Path) -> Result<RoutingMap, TomlError> {
-        let errors = Errors { text, origin };
-        let nodes = validate_nodes(self.node, &errors)?;
-        let services = validate_services(self.service, &nodes, &errors)?;
-        Ok(RoutingMap { nodes, services })
+        let errors = Errors {
+            text,
+            origin,
+            record: false,
+        };
+        let mut builder = Builder::default();
+        for (i, entry) in self.node.into_iter().enumerate() {
+            builder.add_node(entry, &format!("node[{i}]."), &errors)?;
+        }
+        for (i, entry) in self.service.into_iter().enumerate() {
+            builder.add_service(entry, &format!("service[{i}]."), &errors, None)?;
+        }
+        Ok(builder.finish())
+    }
+
+    /// A routing file that must hold services only (`flynode services apply`).
+    pub(super) fn into_services(
+        self,
+        text: &str,
+        origin: &Path,
+    ) -> Result<Vec<ServiceEntry>, TomlError> {
+        if !self.node.is_empty() {
+            return Err(TomlError::at(
+                origin,
+                text,
+                0..0,
+                "node",
+                "nodes register themselves in etcd; this file may only hold [[service]] entries",
+            ));
+        }
+        Ok(self.service)
     }
 }
 
-fn validate_nodes(
-    entries: Vec<NodeEntry>,
-    errors: &Errors<'_>,
-) -> Result<BTreeMap<NodeId, Node>, TomlError> {
-    let mut nodes = BTreeMap::new();
-    // Value -> (node id, line) of the first entry that used it.
-    let mut ids: HashMap<NodeId, usize> = HashMap::new();
-    let mut mesh: HashMap<UlaAddr, (NodeId, usize)> = HashMap::new();
-    let mut mesh4: HashMap<std::net::Ipv4Addr, (NodeId, usize)> = HashMap::new();
-    let mut keys: HashMap<PublicKey, (NodeId, usize)> = HashMap::new();
-    for (i, entry) in entries.into_iter().enumerate() {
-        let id = entry.id.get_ref().clone();
-        if let Some(line) = ids.get(&id) {
-            let message = format!("duplicate node id `{id}` (first defined at line {line})");
-            return Err(errors.at(&entry.id, format!("node[{i}].id"), message));
-        }
-        ids.insert(id.clone(), errors.line(&entry.id));
+impl ServiceEntry {
+    pub(super) fn name(&self) -> &ServiceName {
+        self.name.get_ref()
+    }
+}
 
+/// One etcd record: a node table or a service table, as its key's value.
+pub(super) enum RecordEntry {
+    Node(NodeEntry),
+    Service(ServiceEntry),
+}
+
+impl RecordEntry {
+    /// Parses one record's TOML; `name` is the key's last segment, which must equal
+    /// the record's `id` (node) or `name` (service).
+    pub(super) fn parse(
+        text: &str,
+        origin: &Path,
+        service: bool,
+        name: &str,
+    ) -> Result<RecordEntry, TomlError> {
+        let mismatch = |span, what: &str, value: &str| {
+            TomlError::at(
+                origin,
+                text,
+                span,
+                what,
+                format!("{}, but the key names `{name}`", quoted(value)),
+            )
+        };
+        if service {
+            let entry: ServiceEntry = toml_error::from_str(text, origin)?;
+            if entry.name.get_ref().as_str() != name {
+                return Err(mismatch(
+                    entry.name.span(),
+                    "name",
+                    entry.name.get_ref().as_str(),
+                ));
+            }
+            Ok(RecordEntry::Service(entry))
+        } else {
+            let entry: NodeEntry = toml_error::from_str(text, origin)?;
+            if entry.id.get_ref().as_str() != name {
+                return Err(mismatch(entry.id.span(), "id", entry.id.get_ref().as_str()));
+            }
+            Ok(RecordEntry::Node(entry))
+        }
+    }
+}
+
+/// Builds a [`RoutingMap`] one entry at a time, checking each entry against the ones
+/// already in. An entry is checked completely before anything of it is inserted, so a
+/// rejected entry leaves the builder as it was (the etcd source skips bad records and
+/// keeps the rest).
+#[derive(Default)]
+pub(super) struct Builder {
+    nodes: BTreeMap<NodeId, Node>,
+    services: BTreeMap<ServiceId, Service>,
+    // Value -> (owner, place) of the first entry that used it.
+    node_ids: HashMap<NodeId, String>,
+    mesh: HashMap<UlaAddr, (NodeId, String)>,
+    mesh4: HashMap<std::net::Ipv4Addr, (NodeId, String)>,
+    keys: HashMap<PublicKey, (NodeId, String)>,
+    service_ids: HashMap<ServiceId, (ServiceName, String)>,
+    names: HashMap<ServiceName, (ServiceId, String)>,
+    served: HashMap<(IpAddr, u16), (ServiceName, String)>,
+    /// Keep workers on absent nodes in their service (still named in `absent`): for
+    /// a services file written back to etcd, where they count once the node is up.
+    keep_absent: bool,
+}
+
+impl Builder {
+    pub(super) fn finish(self) -> RoutingMap {
+        RoutingMap {
+            nodes: self.nodes,
+            services: self.services,
+        }
+    }
+
+    /// Starts from a valid map, so that entries added next are checked against it.
+    pub(super) fn seed(&mut self, map: &RoutingMap) {
+        let place = |_: &str| "etcd".to_owned();
+        for (id, node) in &map.nodes {
+            self.node_ids.insert(id.clone(), place("node"));
+            self.mesh
+                .insert(UlaAddr(node.mesh_address), (id.clone(), place("node")));
+            if let Some(v4) = node.mesh_ipv4 {
+                self.mesh4.insert(v4, (id.clone(), place("node")));
+            }
+            self.keys
+                .insert(node.public_key, (id.clone(), place("node")));
+        }
+        for (id, service) in &map.services {
+            let where_ = place("service");
+            self.service_ids
+                .insert(*id, (service.name.clone(), where_.clone()));
+            self.names
+                .insert(service.name.clone(), (*id, where_.clone()));
+            for (address, port, _) in map.service_endpoints().filter(|e| e.2.id == *id) {
+                self.served
+                    .insert((address, port), (service.name.clone(), where_.clone()));
+            }
+        }
+        self.nodes = map.nodes.clone();
+        self.services = map.services.clone();
+    }
+
+    /// Adds service `i` of a services file, allowing workers on absent nodes.
+    pub(super) fn add_file_service(
+        &mut self,
+        entry: ServiceEntry,
+        i: usize,
+        text: &str,
+        origin: &Path,
+        absent: &mut Vec<NodeId>,
+    ) -> Result<(), TomlError> {
+        let errors = Errors {
+            text,
+            origin,
+            record: false,
+        };
+        self.keep_absent = true;
+        self.add_service(entry, &format!("service[{i}]."), &errors, Some(absent))
+    }
+
+    /// Adds a record (see [`RecordEntry`]); workers on nodes that are not in the map
+    /// are left out and named in `absent` (in etcd a node that is down has no record).
+    pub(super) fn add_record(
+        &mut self,
+        entry: RecordEntry,
+        text: &str,
+        origin: &Path,
+        absent: &mut Vec<NodeId>,
+    ) -> Result<(), TomlError> {
+        let errors = Errors {
+            text,
+            origin,
+            record: true,
+        };
+        match entry {
+            RecordEntry::Node(entry) => self.add_node(entry, "", &errors),
+            RecordEntry::Service(entry) => self.add_service(entry, "", &errors, Some(absent)),
+        }
+    }
+
+    fn add_node(
+        &mut self,
+        entry: NodeEntry,
+        at: &str,
+        errors: &Errors<'_>,
+    ) -> Result<(), TomlError> {
+        let id = entry.id.get_ref().clone();
+        if let Some(place) = self.node_ids.get(&id) {
+            let message = format!("duplicate node id `{id}` (first defined at {place})");
+            return Err(errors.at(&entry.id, format!("{at}id"), message));
+        }
         let address = *entry.mesh_address.get_ref();
-        if let Some((other, line)) = mesh.get(&address) {
+        if let Some((other, place)) = self.mesh.get(&address) {
             let message = format!(
-                "{} is already the mesh address of node `{other}` (line {line})",
+                "{} is already the mesh address of node `{other}` ({place})",
                 address.0
             );
-            return Err(errors.at(
-                &entry.mesh_address,
-                format!("node[{i}].mesh_address"),
-                message,
-            ));
+            return Err(errors.at(&entry.mesh_address, format!("{at}mesh_address"), message));
         }
-        mesh.insert(address, (id.clone(), errors.line(&entry.mesh_address)));
-
         if let Some(v4) = &entry.mesh_ipv4 {
             let value = v4.get_ref().0;
-            if let Some((other, line)) = mesh4.get(&value) {
-                let message = format!(
-                    "{value} is already the mesh IPv4 address of node `{other}` (line {line})"
-                );
-                return Err(errors.at(v4, format!("node[{i}].mesh_ipv4"), message));
+            if let Some((other, place)) = self.mesh4.get(&value) {
+                let message =
+                    format!("{value} is already the mesh IPv4 address of node `{other}` ({place})");
+                return Err(errors.at(v4, format!("{at}mesh_ipv4"), message));
             }
-            mesh4.insert(value, (id.clone(), errors.line(v4)));
         }
-
         let key = entry.public_key.get_ref().0;
-        if let Some((other, line)) = keys.get(&key) {
-            let message = format!("already the public key of node `{other}` (line {line})");
-            return Err(errors.at(&entry.public_key, format!("node[{i}].public_key"), message));
+        if let Some((other, place)) = self.keys.get(&key) {
+            let message = format!("already the public key of node `{other}` ({place})");
+            return Err(errors.at(&entry.public_key, format!("{at}public_key"), message));
         }
-        keys.insert(key, (id.clone(), errors.line(&entry.public_key)));
 
+        self.node_ids.insert(id.clone(), errors.place(&entry.id));
+        self.mesh
+            .insert(address, (id.clone(), errors.place(&entry.mesh_address)));
+        if let Some(v4) = &entry.mesh_ipv4 {
+            self.mesh4
+                .insert(v4.get_ref().0, (id.clone(), errors.place(v4)));
+        }
+        self.keys
+            .insert(key, (id.clone(), errors.place(&entry.public_key)));
         let node = Node {
             id: id.clone(),
             region: entry.region,
@@ -242,71 +418,52 @@ fn validate_nodes(
             mesh_address: address.0,
             mesh_ipv4: entry.mesh_ipv4.map(|a| a.get_ref().0),
         };
-        nodes.insert(id, node);
+        self.nodes.insert(id, node);
+        Ok(())
     }
-    Ok(nodes)
-}
 
-fn validate_services(
-    entries: Vec<ServiceEntry>,
-    nodes: &BTreeMap<NodeId, Node>,
-    errors: &Errors<'_>,
-) -> Result<BTreeMap<ServiceId, Service>, TomlError> {
-    let mut services: BTreeMap<ServiceId, Service> = BTreeMap::new();
-    // Value -> the first service that used it, by name or id, and its line.
-    let mut ids: HashMap<ServiceId, (ServiceName, usize)> = HashMap::new();
-    let mut names: HashMap<ServiceName, (ServiceId, usize)> = HashMap::new();
-    let mut served: HashMap<(IpAddr, u16), (ServiceName, usize)> = HashMap::new();
-    for (i, entry) in entries.into_iter().enumerate() {
+    /// `absent`: `None` makes a worker on an unknown node an error (a file must be
+    /// complete); `Some` leaves such workers out and names their nodes.
+    pub(super) fn add_service(
+        &mut self,
+        entry: ServiceEntry,
+        at: &str,
+        errors: &Errors<'_>,
+        mut absent: Option<&mut Vec<NodeId>>,
+    ) -> Result<(), TomlError> {
         let id = *entry.id.get_ref();
         let name = entry.name.get_ref().clone();
-        let line = errors.line(&entry.id);
-        if let Some((other, other_line)) = ids.get(&id) {
-            let message = format!(
-                "duplicate service id {id} (already used by service `{other}` at line {other_line})"
-            );
-            return Err(errors.at(&entry.id, format!("service[{i}].id"), message));
+        if let Some((other, place)) = self.service_ids.get(&id) {
+            let message =
+                format!("duplicate service id {id} (already used by service `{other}` at {place})");
+            return Err(errors.at(&entry.id, format!("{at}id"), message));
         }
-        ids.insert(id, (name.clone(), line));
-        if let Some((other, other_line)) = names.get(&name) {
+        if let Some((other, place)) = self.names.get(&name) {
             let message = format!(
-                "duplicate service name `{name}` (already used by service id {other} at line {other_line})"
+                "duplicate service name `{name}` (already used by service id {other} at {place})"
             );
-            return Err(errors.at(&entry.name, format!("service[{i}].name"), message));
+            return Err(errors.at(&entry.name, format!("{at}name"), message));
         }
-        names.insert(name.clone(), (id, errors.line(&entry.name)));
 
-        let anycast = unique_addresses(&entry.anycast, i, errors)?;
-        let ports = unique_ports(&entry.ports, i, errors)?;
+        let anycast = unique_addresses(&entry.anycast, at, errors)?;
+        let ports = unique_ports(&entry.ports, at, errors)?;
         for (k, address) in entry.anycast.get_ref().iter().enumerate() {
             for &port in &ports {
                 let pair = (address.get_ref().0, port);
-                if let Some((other, other_line)) = served.get(&pair) {
+                if let Some((other, place)) = self.served.get(&pair) {
                     let message = format!(
-                        "{} port {port} of service `{name}` is already served by service `{other}` (line {other_line})",
+                        "{} port {port} of service `{name}` is already served by service `{other}` ({place})",
                         pair.0
                     );
-                    return Err(errors.at(address, format!("service[{i}].anycast[{k}]"), message));
+                    return Err(errors.at(address, format!("{at}anycast[{k}]"), message));
                 }
-            }
-        }
-        for &address in &anycast {
-            for &port in &ports {
-                served.insert((address, port), (name.clone(), line));
             }
         }
 
         let mut workers = Vec::with_capacity(entry.worker.len());
+        let mut left_out = Vec::new();
         for (w, worker) in entry.worker.into_iter().enumerate() {
             let node = worker.node.get_ref();
-            if !nodes.contains_key(node) {
-                let message = format!("no [[node]] has id `{node}`");
-                return Err(errors.at(
-                    &worker.node,
-                    format!("service[{i}].worker[{w}].node"),
-                    message,
-                ));
-            }
             for family in [false, true] {
                 let served = anycast.iter().any(|a| a.is_ipv6() == family);
                 let has = worker
@@ -326,9 +483,19 @@ fn validate_services(
                     );
                     return Err(errors.at(
                         &worker.target,
-                        format!("service[{i}].worker[{w}].target"),
+                        format!("{at}worker[{w}].target"),
                         message,
                     ));
+                }
+            }
+            if !self.nodes.contains_key(node) {
+                if absent.is_none() {
+                    let message = format!("no [[node]] has id `{node}`");
+                    return Err(errors.at(&worker.node, format!("{at}worker[{w}].node"), message));
+                }
+                left_out.push(node.clone());
+                if !self.keep_absent {
+                    continue;
                 }
             }
             workers.push(Worker {
@@ -337,7 +504,20 @@ fn validate_services(
                 weight: worker.weight,
             });
         }
+        if let Some(absent) = absent.as_deref_mut() {
+            absent.extend(left_out);
+        }
 
+        self.service_ids
+            .insert(id, (name.clone(), errors.place(&entry.id)));
+        self.names
+            .insert(name.clone(), (id, errors.place(&entry.name)));
+        for &address in &anycast {
+            for &port in &ports {
+                self.served
+                    .insert((address, port), (name.clone(), errors.place(&entry.id)));
+            }
+        }
         let service = Service {
             id,
             name,
@@ -346,19 +526,19 @@ fn validate_services(
             proxy_protocol: entry.proxy_protocol,
             workers,
         };
-        services.insert(id, service);
+        self.services.insert(id, service);
+        Ok(())
     }
-    Ok(services)
 }
 
 fn unique_addresses(
     list: &Spanned<Vec<Spanned<Anycast>>>,
-    i: usize,
+    at: &str,
     errors: &Errors<'_>,
 ) -> Result<Vec<IpAddr>, TomlError> {
     if list.get_ref().is_empty() {
         let message = "must list at least one address".to_owned();
-        return Err(errors.at(list, format!("service[{i}].anycast"), message));
+        return Err(errors.at(list, format!("{at}anycast"), message));
     }
     let mut seen = HashSet::new();
     let mut out = Vec::with_capacity(list.get_ref().len());
@@ -366,7 +546,7 @@ fn unique_addresses(
         let address_value = address.get_ref().0;
         if !seen.insert(address_value) {
             let message = format!("{address_value} is listed twice");
-            return Err(errors.at(address, format!("service[{i}].anycast[{k}]"), message));
+            return Err(errors.at(address, format!("{at}anycast[{k}]"), message));
         }
         out.push(address_value);
     }
@@ -375,12 +555,12 @@ fn unique_addresses(
 
 fn unique_ports(
     list: &Spanned<Vec<Spanned<Port>>>,
-    i: usize,
+    at: &str,
     errors: &Errors<'_>,
 ) -> Result<Vec<u16>, TomlError> {
     if list.get_ref().is_empty() {
         let message = "must list at least one port".to_owned();
-        return Err(errors.at(list, format!("service[{i}].ports"), message));
+        return Err(errors.at(list, format!("{at}ports"), message));
     }
     let mut seen = HashSet::new();
     let mut out = Vec::with_capacity(list.get_ref().len());
@@ -388,7 +568,7 @@ fn unique_ports(
         let Port(value) = *port.get_ref();
         if !seen.insert(value) {
             let message = format!("port {value} is listed twice");
-            return Err(errors.at(port, format!("service[{i}].ports[{k}]"), message));
+            return Err(errors.at(port, format!("{at}ports[{k}]"), message));
         }
         out.push(value);
     }
