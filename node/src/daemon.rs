@@ -60,6 +60,8 @@ struct Fleet {
     revision: Option<i64>,
     /// Records left out of the applied map (key → why).
     rejected: std::collections::BTreeMap<String, String>,
+    /// The views after the first (taken by the main loop).
+    views: Option<tokio::sync::watch::Receiver<Option<Arc<View>>>>,
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
@@ -152,6 +154,8 @@ async fn start_fleet(
             cache,
             revision: None,
             rejected: Default::default(),
+            // `wait_for` marked the first view seen: the loop gets every later one.
+            views: Some(views),
         },
         first,
     ))
@@ -290,11 +294,7 @@ async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
         SourceConfig::File { path } => Some(path.clone()),
         SourceConfig::Etcd { .. } => None,
     };
-    let mut views = fleet.as_mut().map(|f| {
-        let mut views = f.source.views();
-        views.mark_unchanged();
-        views
-    });
+    let mut views = fleet.as_mut().and_then(|f| f.views.take());
     let state = Arc::new(Mutex::new(State {
         config,
         key_dir,

@@ -268,8 +268,8 @@ fn services(args: &EtcdArgs, command: ServicesCmd) -> anyhow::Result<()> {
                     .collect();
                 println!(
                     "{:<6} {:<20} {:<40} {:<16} {}",
-                    s.id,
-                    s.name,
+                    s.id.to_string(),
+                    s.name.to_string(),
                     anycast.join(","),
                     ports.join(","),
                     workers.join(" ")

@@ -6,7 +6,7 @@
 //! from the next revision. Any failure (etcd unreachable, a member killed, the watch
 //! cancelled because its revision was compacted, the lease expired while
 //! disconnected) ends the session; the next one starts after a backoff (100 ms doubling
-//! to 5 s) and reads the prefix again, so the daemon always gets a complete view and
+//! to 2 s) and reads the prefix again, so the daemon always gets a complete view and
 //! applies it as a diff. Between sessions the daemon keeps its last good map, and
 //! [`Health`] says why the source is down.
 
@@ -146,7 +146,7 @@ async fn connect(endpoints: &[String]) -> anyhow::Result<Client> {
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 async fn run(
     settings: Settings,
