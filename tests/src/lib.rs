@@ -3,6 +3,7 @@
 //!
 //! These tests need root (namespaces, veths, XDP). They only ever send inside the
 //! namespaces they create, using RFC 2544 (198.18.0.0/15) and documentation prefixes.
+pub mod etcd;
 pub mod forwarding;
 pub mod frames;
 pub mod mesh;
