@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use flynode::netns::{Netns, veth};
 
+use crate::etcd::EtcdCluster;
 use crate::mesh::{Host, Lan, no_dad, routing_for};
 use crate::node::{Daemon, Prepared};
 
@@ -149,6 +150,8 @@ impl ServiceSpec {
 pub struct Topology {
     // Field order is drop order: daemons and echo servers before the namespaces.
     pub daemons: Vec<Option<Daemon>>,
+    /// The fleet's etcd (in the hub namespace), when the map comes from etcd.
+    pub etcd: Option<EtcdCluster>,
     pub echoes: Vec<Echo>,
     pub containers: Vec<Netns>,
     /// The node map without services (every node's key), for [`Self::routing`].
@@ -169,7 +172,30 @@ impl Topology {
         services: &[ServiceSpec],
         tweak: impl Fn(&mut crate::node::NodeSpec),
     ) -> Topology {
+        Self::start_inner(nodes, services, tweak, 0)
+    }
+
+    /// As [`Self::start_with`], the map from an etcd of `members` members in the hub
+    /// namespace (nodes register themselves with a 2 s lease; `services` are written with
+    /// `flynode services apply` before the daemons start).
+    pub fn start_fleet(
+        nodes: u8,
+        members: usize,
+        services: &[ServiceSpec],
+        tweak: impl Fn(&mut crate::node::NodeSpec),
+    ) -> Topology {
+        assert!(members > 0);
+        Self::start_inner(nodes, services, tweak, members)
+    }
+
+    fn start_inner(
+        nodes: u8,
+        services: &[ServiceSpec],
+        tweak: impl Fn(&mut crate::node::NodeSpec),
+        members: usize,
+    ) -> Topology {
         let lan = Lan::new(nodes);
+        let etcd = (members > 0).then(|| EtcdCluster::start(&lan.hub, members));
         let client = Netns::create("client").expect("netns");
         no_dad(&client);
         veth(&lan.hub, "pc", &client, "eth0").expect("veth");
@@ -250,6 +276,17 @@ impl Topology {
                 let mut spec = h.spec();
                 spec.mode = "native".into();
                 spec.wireguard.push("persistent_keepalive = \"1s\"".into());
+                if let Some(etcd) = &etcd {
+                    let endpoints: Vec<String> = etcd
+                        .endpoints()
+                        .iter()
+                        .map(|e| format!("\"{e}\""))
+                        .collect();
+                    spec.etcd = vec![
+                        format!("endpoints = [{}]", endpoints.join(", ")),
+                        "lease_ttl = \"2s\"".into(),
+                    ];
+                }
                 tweak(&mut spec);
                 Prepared::new(spec)
             })
@@ -262,6 +299,9 @@ impl Topology {
                 .collect::<Vec<_>>(),
         );
         let map = Self::map(&nodes_toml, services);
+        if let Some(etcd) = &etcd {
+            apply_services(&lan.hub, etcd, services);
+        }
         let daemons = lan
             .nodes
             .iter()
@@ -270,6 +310,7 @@ impl Topology {
             .collect();
         let topology = Topology {
             daemons,
+            etcd,
             echoes,
             containers,
             nodes_toml,
@@ -296,6 +337,20 @@ impl Topology {
         Self::map(&self.nodes_toml, services)
     }
 
+    /// The fleet's etcd.
+    pub fn etcd(&self) -> &EtcdCluster {
+        self.etcd.as_ref().expect("a fleet topology (start_fleet)")
+    }
+
+    pub fn etcd_mut(&mut self) -> &mut EtcdCluster {
+        self.etcd.as_mut().expect("a fleet topology (start_fleet)")
+    }
+
+    /// Runs `flynode services <args>` against the fleet's etcd from the hub namespace.
+    pub fn services_cli(&self, args: &[&str]) -> std::process::Output {
+        services_cli(&self.lan.hub, self.etcd(), args)
+    }
+
     /// Writes `services` into every running node's routing file.
     pub fn set_services(&self, services: &[ServiceSpec]) {
         let map = self.routing(services);
@@ -314,6 +369,20 @@ impl Topology {
 
     pub fn daemon(&self, n: u8) -> &Daemon {
         self.daemons[usize::from(n) - 1].as_ref().expect("running")
+    }
+
+    /// Stops node `n`'s daemon cleanly, changes its spec with `tweak` and starts it
+    /// again with the same keys and routing map (peers re-handshake: wait for the mesh).
+    pub fn restart_with(&mut self, n: u8, tweak: impl FnOnce(&mut crate::node::NodeSpec)) {
+        let slot = &mut self.daemons[usize::from(n) - 1];
+        let (status, mut prepared) = slot.take().expect("running").stop_for_restart();
+        assert!(status.success(), "node {n} stopped with {status}");
+        let mut spec = prepared.spec.clone();
+        tweak(&mut spec);
+        prepared.set_spec(spec);
+        let routing =
+            std::fs::read_to_string(prepared.dir().join("routing.toml")).expect("routing map");
+        *slot = Some(prepared.start(&self.lan.host(n).ns, &routing));
     }
 
     /// Sends the client's traffic for the anycast addresses to edge `n`.
@@ -391,6 +460,32 @@ impl Topology {
             .map(|d| format!("--- {} ---\n{}", d.spec().id, d.log()))
             .collect()
     }
+}
+
+/// `flynode services --etcd <endpoints> <args>`, run in `hub`.
+pub fn services_cli(hub: &Netns, etcd: &EtcdCluster, args: &[&str]) -> std::process::Output {
+    hub.command(crate::node::flynode_bin().to_str().expect("utf-8 path"))
+        .arg("services")
+        .arg("--etcd")
+        .arg(etcd.endpoints().join(","))
+        .args(args)
+        .output()
+        .expect("run flynode services")
+}
+
+/// Writes `services` to etcd with `flynode services apply`, failing loudly.
+pub fn apply_services(hub: &Netns, etcd: &EtcdCluster, services: &[ServiceSpec]) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("services.toml");
+    let text: String = services.iter().map(ServiceSpec::toml).collect();
+    std::fs::write(&path, text).expect("services file");
+    let out = services_cli(hub, etcd, &["apply", path.to_str().expect("utf-8")]);
+    assert!(
+        out.status.success(),
+        "flynode services apply failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// One request/reply: sends `payload` from `socket` to `to`, returns the reply and where

@@ -49,6 +49,8 @@ impl Host {
             mode: "generic".into(),
             wireguard: Vec::new(),
             flows: Vec::new(),
+            etcd: Vec::new(),
+            metrics: Vec::new(),
         }
     }
 

@@ -54,6 +54,11 @@ pub struct NodeSpec {
     pub wireguard: Vec<String>,
     /// Extra `key = value` lines for the `[flows]` section.
     pub flows: Vec<String>,
+    /// `[source.etcd]` lines (endpoints, lease_ttl, ...); empty: the routing file.
+    pub etcd: Vec<String>,
+    /// Extra `key = value` lines for the `[metrics]` section (the default endpoint,
+    /// 127.0.0.1:9477, is one per namespace).
+    pub metrics: Vec<String>,
 }
 
 impl NodeSpec {
@@ -66,6 +71,8 @@ impl NodeSpec {
             mode: mode.into(),
             wireguard: Vec::new(),
             flows: Vec::new(),
+            etcd: Vec::new(),
+            metrics: Vec::new(),
         }
     }
 }
@@ -81,43 +88,21 @@ pub struct Prepared {
 impl Prepared {
     pub fn new(spec: NodeSpec) -> Prepared {
         let dir = tempfile::tempdir().expect("tempdir");
-        let keys = dir.path().join("keys");
-        let public_key = KeyDir::create(&keys)
+        let public_key = KeyDir::create(dir.path().join("keys"))
             .and_then(|k| k.generate(false))
             .expect("node key");
-        let mut wireguard = String::from("[wireguard]\ninterface = \"fly0\"\n");
-        if let Some(v4) = &spec.mesh_ipv4 {
-            wireguard.push_str(&format!("mesh_ipv4 = \"{v4}\"\n"));
-        }
-        for line in &spec.wireguard {
-            wireguard.push_str(line);
-            wireguard.push('\n');
-        }
-        let config = format!(
-            "node_id = \"{id}\"\nregion = \"test\"\nmesh_address = \"{mesh}\"\n\
-             key_dir = \"{keys}\"\ncontrol_socket = \"{dir}/control.sock\"\n\
-             {wireguard}\
-             [xdp]\ninterface = \"{interface}\"\nmode = \"{mode}\"\n\
-             [source]\nfile = \"{dir}/routing.toml\"\n\
-             [flows]\n{flows}",
-            id = spec.id,
-            mesh = spec.mesh_address,
-            keys = keys.display(),
-            dir = dir.path().display(),
-            interface = spec.interface,
-            mode = spec.mode,
-            flows = spec
-                .flows
-                .iter()
-                .map(|l| format!("{l}\n"))
-                .collect::<String>(),
-        );
-        std::fs::write(dir.path().join("flynode.toml"), config).expect("config");
+        write_config(dir.path(), &spec);
         Prepared {
             dir,
             spec,
             public_key,
         }
+    }
+
+    /// Changes the config of a node that is not running (its keys stay).
+    pub fn set_spec(&mut self, spec: NodeSpec) {
+        write_config(self.dir.path(), &spec);
+        self.spec = spec;
     }
 
     pub fn dir(&self) -> &Path {
@@ -182,6 +167,41 @@ impl Prepared {
         );
         daemon
     }
+}
+
+/// Writes `flynode.toml` for `spec` into `dir` (keys in `dir/keys`).
+fn write_config(dir: &Path, spec: &NodeSpec) {
+    let mut wireguard = String::from("[wireguard]\ninterface = \"fly0\"\n");
+    if let Some(v4) = &spec.mesh_ipv4 {
+        wireguard.push_str(&format!("mesh_ipv4 = \"{v4}\"\n"));
+    }
+    wireguard.push_str(&lines(&spec.wireguard));
+    let config = format!(
+        "node_id = \"{id}\"\nregion = \"test\"\nmesh_address = \"{mesh}\"\n\
+         key_dir = \"{dir}/keys\"\ncontrol_socket = \"{dir}/control.sock\"\n\
+         {wireguard}\
+         [xdp]\ninterface = \"{interface}\"\nmode = \"{mode}\"\n\
+         {source}\
+         [flows]\n{flows}\
+         [metrics]\n{metrics}",
+        id = spec.id,
+        mesh = spec.mesh_address,
+        dir = dir.display(),
+        interface = spec.interface,
+        mode = spec.mode,
+        flows = lines(&spec.flows),
+        source = if spec.etcd.is_empty() {
+            format!("[source]\nfile = \"{}/routing.toml\"\n", dir.display())
+        } else {
+            format!("[source.etcd]\n{}", lines(&spec.etcd))
+        },
+        metrics = lines(&spec.metrics),
+    );
+    std::fs::write(dir.join("flynode.toml"), config).expect("config");
+}
+
+fn lines(lines: &[String]) -> String {
+    lines.iter().map(|l| format!("{l}\n")).collect()
 }
 
 pub struct Daemon {
@@ -299,6 +319,19 @@ impl Daemon {
         let tmp = self.dir().join(".routing.toml.new");
         std::fs::write(&tmp, routing).expect("routing");
         std::fs::rename(&tmp, self.dir().join("routing.toml")).expect("rename routing");
+    }
+
+    /// SIGTERM and wait for a clean exit; the directory (keys, config) stays for a
+    /// restart ([`Prepared::set_spec`] changes the config first).
+    pub fn stop_for_restart(mut self) -> (ExitStatus, Prepared) {
+        let status = self
+            .child
+            .take()
+            .expect("running")
+            .terminate(Duration::from_secs(10))
+            .expect("terminate flynode");
+        let Daemon { prepared, .. } = self;
+        (status, prepared)
     }
 
     /// SIGTERM and wait for a clean exit.

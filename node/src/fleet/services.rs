@@ -27,12 +27,7 @@ pub struct Target {
 const DEADLINE: Duration = Duration::from_secs(10);
 
 async fn connect(target: &Target) -> anyhow::Result<Client> {
-    let options = etcd_client::ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(3))
-        .with_timeout(Duration::from_secs(5));
-    Client::connect(&target.endpoints, Some(options))
-        .await
-        .with_context(|| format!("connecting to etcd at {}", target.endpoints.join(",")))
+    super::source::connect(&target.endpoints).await
 }
 
 async fn read_view(client: &mut Client, layout: &Layout) -> anyhow::Result<View> {

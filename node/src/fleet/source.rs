@@ -131,18 +131,41 @@ impl Drop for Source {
     }
 }
 
-async fn connect(endpoints: &[String]) -> anyhow::Result<Client> {
-    let options = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(2))
-        .with_timeout(Duration::from_secs(5))
-        // HTTP/2 pings find a dead server (or a cut path) without waiting for TCP.
-        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
-        .with_keep_alive_while_idle(true)
-        // A member cut off from its cluster refuses instead of serving stale data.
-        .with_require_leader(true);
-    Client::connect(endpoints, Some(options))
-        .await
-        .with_context(|| format!("connecting to etcd at {}", endpoints.join(",")))
+/// A client to the first member, in `endpoints` order, that answers a linearizable read
+/// (so has a leader). One endpoint per client on purpose: a client balanced over all
+/// endpoints sends some requests to a dead member and fails them, where trying the next
+/// member is what keeps the source up when one of three dies.
+pub async fn connect(endpoints: &[String]) -> anyhow::Result<Client> {
+    let mut errors = Vec::new();
+    for endpoint in endpoints {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(5))
+            // HTTP/2 pings find a dead server (or a cut path) without waiting for TCP.
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+            .with_keep_alive_while_idle(true)
+            // A member cut off from its cluster refuses instead of serving stale data.
+            .with_require_leader(true);
+        let probe = async {
+            let mut client = Client::connect([endpoint], Some(options)).await?;
+            client
+                .get("/", Some(GetOptions::new().with_keys_only().with_limit(1)))
+                .await?;
+            anyhow::Ok(client)
+        };
+        match probe.await {
+            Ok(client) => return Ok(client),
+            Err(e) => errors.push(format!("{endpoint}: {}", root_cause(&e))),
+        }
+    }
+    bail!("no etcd endpoint answered ({})", errors.join("; "))
+}
+
+/// The innermost error's text: tonic's outer layers repeat themselves.
+fn root_cause(e: &anyhow::Error) -> String {
+    e.chain()
+        .last()
+        .map_or_else(String::new, ToString::to_string)
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);

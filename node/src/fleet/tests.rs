@@ -206,10 +206,7 @@ fn node_and_service_records_round_trip() {
 fn a_services_file_is_checked_against_the_services_already_there() {
     let a = node("a", KEY_A, 1);
     let existing = RoutingMap::parse(
-        &format!(
-            "[[node]]\n{a}{}",
-            in_file(&service("dns", 1, 53, &["a"]))
-        ),
+        &format!("[[node]]\n{a}{}", in_file(&service("dns", 1, 53, &["a"]))),
         Path::new("etcd"),
     )
     .unwrap();

@@ -429,7 +429,7 @@ impl Builder {
         entry: ServiceEntry,
         at: &str,
         errors: &Errors<'_>,
-        mut absent: Option<&mut Vec<NodeId>>,
+        absent: Option<&mut Vec<NodeId>>,
     ) -> Result<(), TomlError> {
         let id = *entry.id.get_ref();
         let name = entry.name.get_ref().clone();
@@ -504,7 +504,7 @@ impl Builder {
                 weight: worker.weight,
             });
         }
-        if let Some(absent) = absent.as_deref_mut() {
+        if let Some(absent) = absent {
             absent.extend(left_out);
         }
 
