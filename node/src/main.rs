@@ -469,6 +469,22 @@ fn status(config: &Path, socket: Option<PathBuf>, json: bool) -> anyhow::Result<
         status.routing.services,
         status.routing.service_endpoints
     );
+    let applied_ago = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        .saturating_sub(status.routing.applied_unix);
+    println!(
+        "          {}; map generation {}{}, applied {applied_ago}s ago",
+        status.routing.state,
+        status.routing.generation,
+        status
+            .routing
+            .revision
+            .map_or_else(String::new, |r| format!(" (etcd revision {r})")),
+    );
+    for (key, error) in &status.routing.rejected {
+        println!("  rejected {key}: {error}");
+    }
     println!(
         "xdp       {} mode on {}, ingress {}",
         status.xdp.mode, status.xdp.interface, status.xdp.backend
