@@ -208,3 +208,86 @@ fn a_key_rotated_through_etcd_loses_nothing_under_a_steady_stream() {
         "record not republished: {record}"
     );
 }
+
+#[test]
+fn services_are_validated_before_anything_is_written() {
+    require_root();
+    let lan = flynode_tests::mesh::Lan::new(0);
+    let etcd = flynode_tests::etcd::EtcdCluster::start(&lan.hub, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| flynode_tests::forwarding::services_cli(&lan.hub, &etcd, args);
+    let file = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let service = |id: u32, name: &str, port: u16| {
+        format!(
+            "[[service]]\nid = {id}\nname = \"{name}\"\nanycast = [\"198.18.100.1\"]\nports = [{port}]\n\
+             [[service.worker]]\nnode = \"node-1\"\ntarget = \"198.19.1.2:{port}\"\n"
+        )
+    };
+
+    let ok = file("ok.toml", &service(1, "dns", 53));
+    let out = run(&["apply", &ok]);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("applied 1 service(s)"), "{stdout}");
+    // node-1 has no record: the worker is kept and the operator told.
+    assert!(
+        stdout.contains("no node record (yet) for worker node(s) node-1"),
+        "{stdout}"
+    );
+    let stored = etcd.client().get("/flynode/services/dns").expect("written");
+    assert!(stored.contains("node = \"node-1\""), "{stored}");
+    let revision = etcd.client().revision();
+
+    // Conflicts with what is in etcd, and errors inside the file: exit 3, a precise
+    // message, nothing written (not even the good service next to the bad one).
+    let clash = file(
+        "clash.toml",
+        &format!("{}{}", service(2, "ntp", 123), service(3, "game", 53)),
+    );
+    let bad_port = file(
+        "bad.toml",
+        &service(4, "web", 0).replace("ports = [0]", "ports = [70000]"),
+    );
+    let with_node = file(
+        "node.toml",
+        "[[node]]\nid = \"x\"\nregion = \"r\"\npublic_key = \"xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=\"\nendpoint = \"198.18.10.9:51820\"\nmesh_address = \"fd00:f1::9\"\n",
+    );
+    for (path, expected) in [
+        (
+            &clash,
+            "198.18.100.1 port 53 of service `game` is already served by service `dns` (etcd)",
+        ),
+        (&bad_port, "ports[0]"),
+        (&with_node, "may only hold [[service]] entries"),
+    ] {
+        let out = run(&["apply", path]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{stderr}");
+        assert!(stderr.contains(expected), "{stderr}");
+    }
+    assert_eq!(
+        etcd.client().revision(),
+        revision,
+        "a rejected file wrote something"
+    );
+    assert_eq!(etcd.client().get("/flynode/services/ntp"), None);
+
+    // Re-applying replaces the service of the same name; list shows it; remove deletes.
+    let moved = file("moved.toml", &service(1, "dns", 5353));
+    assert!(run(&["apply", &moved]).status.success());
+    let list = run(&["list"]);
+    let listed = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        listed.contains("dns") && listed.contains("5353"),
+        "{listed}"
+    );
+    assert!(run(&["remove", "dns"]).status.success());
+    assert_eq!(etcd.client().get("/flynode/services/dns"), None);
+    let again = run(&["remove", "dns"]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("no service `dns` in etcd"));
+}
