@@ -60,6 +60,8 @@ struct Fleet {
     revision: Option<i64>,
     /// Records left out of the applied map (key → why).
     rejected: std::collections::BTreeMap<String, String>,
+    /// Records parsed for the last view (only changed ones are parsed again).
+    parsed: crate::routing::RecordCache,
     /// The views after the first (taken by the main loop).
     views: Option<tokio::sync::watch::Receiver<Option<Arc<View>>>>,
 }
@@ -154,6 +156,7 @@ async fn start_fleet(
             cache,
             revision: None,
             rejected: Default::default(),
+            parsed: Default::default(),
             // `wait_for` marked the first view seen: the loop gets every later one.
             views: Some(views),
         },
@@ -182,7 +185,7 @@ fn write_cache(path: &std::path::Path, view: &View) {
 
 /// The map a view makes; new rejections are logged once each.
 fn assemble_view(fleet: &mut Fleet, view: &View) -> RoutingMap {
-    let assembled = view.assemble(&fleet.layout);
+    let assembled = view.assemble_cached(&fleet.layout, &mut fleet.parsed);
     for (key, error) in &assembled.rejected {
         if fleet.rejected.get(key) != Some(error) {
             tracing::error!(key = %key, error = %error, "etcd record rejected; the rest of the map applies without it");

@@ -29,7 +29,7 @@ use flynode_keys::PublicKey;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
-use crate::routing::{Assembled, Record, RecordKind, RoutingMap, Service};
+use crate::routing::{Assembled, Record, RecordCache, RecordKind, RoutingMap, Service};
 
 /// Where the records live under the prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,6 +92,11 @@ pub struct View {
 impl View {
     /// The routing map these records make, with what was left out.
     pub fn assemble(&self, layout: &Layout) -> Assembled {
+        self.assemble_cached(layout, &mut RecordCache::default())
+    }
+
+    /// As [`View::assemble`], reusing the records parsed for an earlier view.
+    pub fn assemble_cached(&self, layout: &Layout, cache: &mut RecordCache) -> Assembled {
         let mut unknown = BTreeMap::new();
         let mut records: Vec<(i64, Record<'_>)> = Vec::with_capacity(self.records.len());
         for (key, kv) in &self.records {
@@ -117,7 +122,7 @@ impl View {
             }
         }
         records.sort_by_key(|(created, r)| (*created, r.key));
-        let mut assembled = RoutingMap::assemble(records.into_iter().map(|(_, r)| r));
+        let mut assembled = RoutingMap::assemble_cached(records.into_iter().map(|(_, r)| r), cache);
         assembled.rejected.extend(unknown);
         assembled
     }

@@ -134,6 +134,12 @@ pub enum RecordKind {
     Service,
 }
 
+/// Parsed etcd records by key, with the text they were parsed from.
+#[derive(Default)]
+pub struct RecordCache {
+    parsed: std::collections::HashMap<String, (String, Result<file::RecordEntry, TomlError>)>,
+}
+
 /// A map built from records, with what was left out of it.
 #[derive(Debug, Default)]
 pub struct Assembled {
@@ -172,21 +178,43 @@ impl RoutingMap {
     /// orders by creation revision, so on a conflict the older record wins). A bad
     /// record is left out and named in [`Assembled::rejected`]; the rest still applies.
     pub fn assemble<'a>(records: impl IntoIterator<Item = Record<'a>>) -> Assembled {
+        Self::assemble_cached(records, &mut RecordCache::default())
+    }
+
+    /// As [`RoutingMap::assemble`], parsing only the records whose text changed since
+    /// the last call with this cache (parsing is most of the cost: ~80 ms for 2200
+    /// records in release on this machine; the checks across records always run).
+    pub fn assemble_cached<'a>(
+        records: impl IntoIterator<Item = Record<'a>>,
+        cache: &mut RecordCache,
+    ) -> Assembled {
         let mut builder = file::Builder::default();
         let mut rejected = BTreeMap::new();
         let mut absent_workers = BTreeMap::new();
         let (nodes, services): (Vec<_>, Vec<_>) = records
             .into_iter()
             .partition(|r| r.kind == RecordKind::Node);
+        let mut seen = std::collections::HashSet::new();
         for record in nodes.into_iter().chain(services) {
             let origin = Path::new(record.key);
-            let added = file::RecordEntry::parse(
-                record.text,
-                origin,
-                record.kind == RecordKind::Service,
-                record.name,
-            )
-            .and_then(|entry| {
+            seen.insert(record.key);
+            let parsed = match cache.parsed.get(record.key) {
+                Some((text, parsed)) if text == record.text => parsed.clone(),
+                _ => {
+                    let parsed = file::RecordEntry::parse(
+                        record.text,
+                        origin,
+                        record.kind == RecordKind::Service,
+                        record.name,
+                    );
+                    cache.parsed.insert(
+                        record.key.to_owned(),
+                        (record.text.to_owned(), parsed.clone()),
+                    );
+                    parsed
+                }
+            };
+            let added = parsed.and_then(|entry| {
                 let mut absent = Vec::new();
                 builder.add_record(entry, record.text, origin, &mut absent)?;
                 if !absent.is_empty() {
@@ -198,6 +226,7 @@ impl RoutingMap {
                 rejected.insert(record.key.to_owned(), e.to_string());
             }
         }
+        cache.parsed.retain(|key, _| seen.contains(key.as_str()));
         Assembled {
             map: builder.finish(),
             rejected,

@@ -2,7 +2,7 @@ use std::path::Path;
 
 use super::*;
 use crate::config::tests::MINIMAL;
-use crate::routing::RecordKind;
+use crate::routing::{RecordCache, RecordKind};
 
 const KEY_A: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
 const KEY_B: &str = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
@@ -232,4 +232,77 @@ fn a_services_file_is_checked_against_the_services_already_there() {
         err.to_string().contains("may only hold [[service]]"),
         "{err}"
     );
+}
+
+#[test]
+fn a_fleet_sized_view_assembles() {
+    // 2000 nodes and 200 services, each with 3 workers: every record parsed and checked.
+    let layout = Layout::new("/flynode/");
+    let mut records = std::collections::BTreeMap::new();
+    let key = |i: u32| {
+        let mut bytes = [0u8; 32];
+        bytes[..4].copy_from_slice(&i.to_be_bytes());
+        bytes[31] = 1;
+        PublicKey::from_bytes(bytes).to_string()
+    };
+    for i in 0..2000u32 {
+        let text = format!(
+            "id = \"n{i}\"\nregion = \"r\"\npublic_key = \"{}\"\nendpoint = \"198.18.{}.{}:51820\"\nmesh_address = \"fd00:f1::{:x}\"\n",
+            key(i),
+            i / 250,
+            i % 250 + 1,
+            i + 1
+        );
+        records.insert(
+            layout.node_key(&format!("n{i}")),
+            Kv {
+                value: text,
+                create_revision: i64::from(i),
+            },
+        );
+    }
+    for s in 0..200u32 {
+        let workers: Vec<String> = (0..3).map(|w| format!("n{}", (s * 3 + w) % 2000)).collect();
+        let text = service(
+            &format!("s{s}"),
+            s + 1,
+            1000 + s as u16,
+            &workers.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        records.insert(
+            layout.service_key(&format!("s{s}")),
+            Kv {
+                value: text,
+                create_revision: 5000 + i64::from(s),
+            },
+        );
+    }
+    let mut view = View {
+        revision: 1,
+        records,
+    };
+    let mut cache = RecordCache::default();
+    let start = std::time::Instant::now();
+    let first = view.assemble_cached(&layout, &mut cache);
+    let cold = start.elapsed();
+    assert!(
+        first.rejected.is_empty(),
+        "{:?}",
+        first.rejected.iter().next()
+    );
+    assert_eq!(first.map.nodes.len(), 2000);
+    assert_eq!(first.map.services.len(), 200);
+    // One service changes and one node leaves: only the changed record is parsed again,
+    // and the result is what a cold assembly gives.
+    let s7 = layout.service_key("s7");
+    view.records.get_mut(&s7).unwrap().value = service("s7", 8, 4242, &["n1"]);
+    view.records.remove(&layout.node_key("n1999"));
+    let start = std::time::Instant::now();
+    let again = view.assemble_cached(&layout, &mut cache);
+    let warm = start.elapsed();
+    let cold_again = view.assemble(&layout);
+    assert_eq!(again.map, cold_again.map);
+    assert_eq!(again.rejected, cold_again.rejected);
+    assert_eq!(again.map.nodes.len(), 1999);
+    eprintln!("assembled 2200 records: {cold:?} cold, {warm:?} after one change");
 }

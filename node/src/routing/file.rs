@@ -24,7 +24,7 @@ pub(super) struct RoutingFile {
     service: Vec<ServiceEntry>,
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct NodeEntry {
     id: Spanned<NodeId>,
@@ -37,7 +37,7 @@ pub(super) struct NodeEntry {
     mesh_ipv4: Option<Spanned<MeshV4>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ServiceEntry {
     id: Spanned<ServiceId>,
@@ -50,7 +50,7 @@ pub(super) struct ServiceEntry {
     worker: Vec<WorkerEntry>,
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct WorkerEntry {
     node: Spanned<NodeId>,
@@ -70,6 +70,7 @@ fn weight<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
 
 /// A worker's container address(es): one `"ip:port"`, or a list with at most one per
 /// address family (a dual-stack service needs an IPv4 and an IPv6 target).
+#[derive(Clone)]
 struct Targets(Vec<SocketAddr>);
 
 impl<'de> Deserialize<'de> for Targets {
@@ -119,7 +120,7 @@ impl<'de> Deserialize<'de> for Targets {
     }
 }
 
-#[derive(PartialEq, Eq, Hash)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 struct Key(PublicKey);
 
 impl<'de> Deserialize<'de> for Key {
@@ -137,6 +138,7 @@ impl<'de> Deserialize<'de> for Key {
 /// An address traffic can be sent to and answered from: not unspecified, multicast or
 /// broadcast. IPv4-mapped IPv6 is refused because packets arrive as plain IPv4, so such
 /// an entry could never match.
+#[derive(Clone)]
 struct Anycast(IpAddr);
 
 impl<'de> Deserialize<'de> for Anycast {
@@ -230,6 +232,7 @@ impl ServiceEntry {
 }
 
 /// One etcd record: a node table or a service table, as its key's value.
+#[derive(Clone)]
 pub(super) enum RecordEntry {
     Node(NodeEntry),
     Service(ServiceEntry),
