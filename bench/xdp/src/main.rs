@@ -11,6 +11,9 @@
 //! - `forward`: issue 5's end-to-end benchmark, client → edge → worker → container through
 //!   flynode against plain kernel routing in the same namespaces (delivered rate, loss,
 //!   CPU per host, round-trip latency, memory with a million flows); see [`forward`].
+//! - `fleet`: issue 6's benchmark, time from a routing change (etcd put, or the routing
+//!   file as the baseline) to the new entry in a running daemon's XDP services map; run
+//!   by bench/fleet.sh, see [`fleet`].
 //!
 //! Everything runs in network namespaces this process creates (addresses from
 //! 198.18.0.0/15) and is removed when it ends, on error and on Ctrl-C too.
@@ -18,6 +21,7 @@ mod afxdp;
 mod bpfsys;
 mod classify;
 mod deliver;
+mod fleet;
 mod forward;
 mod frames;
 mod pacer;
@@ -42,6 +46,8 @@ struct Cli {
     deliver: DeliverArgs,
     #[command(flatten)]
     forward: ForwardArgs,
+    #[command(flatten)]
+    fleet: FleetArgs,
 }
 
 #[derive(Subcommand, Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +62,9 @@ enum What {
     /// --runs, --seconds, --warmup, --gen-batch, --rcvbuf, --recv-batch, --retries,
     /// --quiet-wait and --verbose with deliver.
     Forward,
+    /// Routing change → XDP map latency, etcd vs routing file (issue 6; one phase per
+    /// call, in the namespace bench/fleet.sh sets up: --fleet-phase etcd, file, report).
+    Fleet,
 }
 
 #[derive(clap::Args, Debug)]
@@ -209,6 +218,49 @@ struct ForwardArgs {
     fwd_only: Vec<String>,
 }
 
+#[derive(clap::Args, Debug)]
+struct FleetArgs {
+    /// fleet: etcd (time etcd puts), file (time routing-file rewrites), report (both
+    /// side by side, and the target).
+    #[arg(
+        long,
+        global = true,
+        env = "BENCH_FLEET_PHASE",
+        default_value = "report"
+    )]
+    fleet_phase: fleet::Phase,
+    /// fleet: directory for the samples between phases; holds the file phase's
+    /// routing.toml (with the node's [[node]] table when the phase starts).
+    #[arg(long, global = true, env = "BENCH_FLEET_DIR", default_value = ".")]
+    fleet_dir: std::path::PathBuf,
+    /// fleet: timed changes per phase.
+    #[arg(
+        long,
+        global = true,
+        env = "BENCH_FLEET_CHANGES",
+        default_value_t = 100
+    )]
+    fleet_changes: usize,
+    /// fleet: the interface the daemon's XDP program is attached to.
+    #[arg(long, global = true, default_value = "v0")]
+    fleet_interface: String,
+    /// fleet: the daemon's node id (the bench service's worker).
+    #[arg(long, global = true, default_value = "fleet-1")]
+    fleet_node: String,
+    /// fleet: etcd endpoint.
+    #[arg(long, global = true, default_value = "http://127.0.0.1:2379")]
+    fleet_etcd: String,
+    /// fleet: the daemon's etcd prefix.
+    #[arg(long, global = true, default_value = "/flynode/")]
+    fleet_prefix: String,
+    /// fleet: microseconds between two reads of the services map.
+    #[arg(long, global = true, default_value_t = 200)]
+    fleet_poll_us: u64,
+    /// fleet: seconds a change may take before it counts as failed.
+    #[arg(long, global = true, default_value_t = 5.0)]
+    fleet_timeout: f64,
+}
+
 fn main() -> ExitCode {
     // Before any thread exists (set_var): the daemons of `forward` are the release
     // flynode next to this binary unless FLYNODE_BIN says otherwise.
@@ -246,6 +298,24 @@ fn run(cli: &Cli) -> Result<bool> {
     }
     if what == What::Forward {
         ok &= forward::run(&forward_options(cli)?)?;
+    }
+    if what == What::Fleet {
+        let f = &cli.fleet;
+        ok &= fleet::run(&fleet::Options {
+            phase: f.fleet_phase,
+            dir: f.fleet_dir.clone(),
+            changes: f.fleet_changes.clamp(1, 10_000),
+            interface: f.fleet_interface.clone(),
+            node: f.fleet_node.clone(),
+            etcd: f.fleet_etcd.clone(),
+            prefix: if f.fleet_prefix.ends_with('/') {
+                f.fleet_prefix.clone()
+            } else {
+                format!("{}/", f.fleet_prefix)
+            },
+            poll: std::time::Duration::from_micros(f.fleet_poll_us.max(1)),
+            timeout: std::time::Duration::from_secs_f64(f.fleet_timeout.max(0.001)),
+        })?;
     }
     if matches!(what, What::Deliver | What::All) {
         let d = &cli.deliver;
