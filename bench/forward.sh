@@ -43,7 +43,11 @@ Environment (defaults in brackets):
   BENCH_PINGS=N         timed ping-pongs [2000]
   BENCH_MILLION=N       flows of the flow-table fill, 0 = skip [1000000]
   BENCH_MILLION_RATE=M  its rate in Mpps [0.4 x flynode's 64-byte peak]
-  BENCH_FWD_ONLY=LIST   throughput,latency,flows [all]
+  BENCH_FWD_ONLY=LIST   throughput,latency,flows,metrics [throughput,latency,flows];
+                        metrics (opt-in): the cost of the metrics endpoint — flynode's
+                        throughput with both daemons scraped every second vs their
+                        endpoint disabled, alternating runs (daemons restart to switch);
+                        target: cost < 3%. `BENCH_FWD_ONLY=metrics` runs only that.
   BENCH_RETRIES=N       repeat a run when other work took >10% of CPU1 [1]
   BENCH_QUIET_WAIT=S    wait up to S s for an idle machine first [30]
   BENCH_STRICT=1        exit 1 if a target is missed

@@ -303,14 +303,27 @@ impl Reply {
 }
 
 /// A scrape's recorder: values are written once each, with their help text.
-struct Exposition(PrometheusRecorder);
+struct Exposition {
+    recorder: PrometheusRecorder,
+    /// Families already described (describing costs a lock and a map update).
+    described: std::cell::RefCell<std::collections::HashSet<String>>,
+}
 
 static METADATA: Metadata<'static> =
     Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
 
 impl Exposition {
     fn new() -> Exposition {
-        Exposition(PrometheusBuilder::new().build_recorder())
+        Exposition {
+            recorder: PrometheusBuilder::new().build_recorder(),
+            described: Default::default(),
+        }
+    }
+
+    /// Whether `name` still needs its help text (true the first time only).
+    fn undescribed(&self, name: &str) -> bool {
+        let mut described = self.described.borrow_mut();
+        !described.contains(name) && described.insert(name.to_owned())
     }
 
     fn key(name: &str, labels: &[(&'static str, &str)]) -> Key {
@@ -324,23 +337,27 @@ impl Exposition {
     }
 
     fn counter(&self, name: &str, help: &str, labels: &[(&'static str, &str)], value: u64) {
-        self.0.describe_counter(
-            KeyName::from(name.to_owned()),
-            None,
-            SharedString::from(help.to_owned()),
-        );
-        self.0
+        if self.undescribed(name) {
+            self.recorder.describe_counter(
+                KeyName::from(name.to_owned()),
+                None,
+                SharedString::from(help.to_owned()),
+            );
+        }
+        self.recorder
             .register_counter(&Self::key(name, labels), &METADATA)
             .absolute(value);
     }
 
     fn gauge(&self, name: &str, help: &str, labels: &[(&'static str, &str)], value: f64) {
-        self.0.describe_gauge(
-            KeyName::from(name.to_owned()),
-            None,
-            SharedString::from(help.to_owned()),
-        );
-        self.0
+        if self.undescribed(name) {
+            self.recorder.describe_gauge(
+                KeyName::from(name.to_owned()),
+                None,
+                SharedString::from(help.to_owned()),
+            );
+        }
+        self.recorder
             .register_gauge(&Self::key(name, labels), &METADATA)
             .set(value);
     }
@@ -350,7 +367,7 @@ impl Exposition {
     }
 
     fn render(self) -> String {
-        self.0.handle().render()
+        self.recorder.handle().render()
     }
 }
 

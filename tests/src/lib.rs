@@ -7,6 +7,7 @@ pub mod etcd;
 pub mod forwarding;
 pub mod frames;
 pub mod mesh;
+pub mod metrics;
 pub mod node;
 pub mod packet;
 pub mod xdp;

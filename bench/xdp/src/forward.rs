@@ -16,6 +16,7 @@
 mod lab;
 mod latency;
 mod load;
+mod metrics;
 mod million;
 mod traffic;
 
@@ -58,6 +59,8 @@ pub struct Options {
     pub million_rate: Option<f64>,
     pub throughput: bool,
     pub latency: bool,
+    /// Throughput with the daemons' metrics endpoints scraped vs disabled (issue 6).
+    pub metrics: bool,
     pub retries: usize,
     pub quiet_wait: f64,
     pub gen_cpu: usize,
@@ -110,6 +113,13 @@ pub fn run(opts: &Options) -> Result<bool> {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    let mut ok = true;
+    if opts.metrics {
+        ok &= metrics::compare(&mut lab, opts)?;
+    }
+    if !(opts.throughput || opts.latency || opts.million > 0) {
+        return Ok(ok);
+    }
     let mut results: BTreeMap<&'static str, PathResult> = BTreeMap::new();
     let mut fill = None;
     for path in [Path::Flynode, Path::Plain] {
@@ -141,7 +151,7 @@ pub fn run(opts: &Options) -> Result<bool> {
         results.insert(path.name(), result);
     }
     drop(lab);
-    Ok(print_summary(opts, &results, fill.as_ref()))
+    Ok(print_summary(opts, &results, fill.as_ref()) && ok)
 }
 
 fn measure_latency(lab: &Lab, pings: usize) -> Result<Latency> {

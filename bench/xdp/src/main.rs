@@ -207,7 +207,8 @@ struct ForwardArgs {
     /// peak, 0.02 to 0.3).
     #[arg(long, global = true, env = "BENCH_MILLION_RATE")]
     million_rate: Option<f64>,
-    /// forward: parts to run: throughput, latency, flows (comma-separated).
+    /// forward: parts to run: throughput, latency, flows, metrics (comma-separated;
+    /// metrics, the cost of the metrics endpoint, only when named).
     #[arg(
         long,
         global = true,
@@ -411,13 +412,16 @@ fn forward_options(cli: &Cli) -> Result<forward::Options> {
     if f.fwd_payloads.iter().any(|&p| !(2..=1300).contains(&p)) {
         anyhow::bail!("--fwd-payloads: sizes from 2 to 1300 bytes (the mesh MTU bounds them)");
     }
-    let (mut throughput, mut latency, mut flows) = (false, false, false);
+    let (mut throughput, mut latency, mut flows, mut metrics) = (false, false, false, false);
     for part in &f.fwd_only {
         match part.trim() {
             "throughput" => throughput = true,
             "latency" => latency = true,
             "flows" => flows = true,
-            other => anyhow::bail!("unknown part `{other}` (throughput, latency, flows)"),
+            "metrics" => metrics = true,
+            other => {
+                anyhow::bail!("unknown part `{other}` (throughput, latency, flows, metrics)")
+            }
         }
     }
     Ok(forward::Options {
@@ -437,6 +441,7 @@ fn forward_options(cli: &Cli) -> Result<forward::Options> {
         million_rate: f.million_rate.map(|r| r * 1e6),
         throughput,
         latency,
+        metrics,
         retries: d.retries,
         quiet_wait: d.quiet_wait,
         gen_cpu: 0,

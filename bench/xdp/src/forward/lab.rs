@@ -71,6 +71,8 @@ pub struct Lab {
     edge_mac: [u8; 6],
     client_mac: [u8; 6],
     pub napi: Vec<Napi>,
+    /// Whether the daemons serve their metrics endpoint (the default config does).
+    pub metrics: bool,
 }
 
 impl Lab {
@@ -114,6 +116,7 @@ impl Lab {
             edge_mac,
             client_mac,
             napi: Vec::new(),
+            metrics: true,
         };
         for n in [EDGE, WORKER] {
             let pid = lab.daemon_pid(n).context("daemon not running")?;
@@ -204,9 +207,38 @@ impl Lab {
         })
     }
 
+    /// Restarts both daemons with the metrics endpoint on or off (same keys, map and
+    /// placement), unless they already run that way.
+    pub fn set_metrics(&mut self, enabled: bool) -> Result<()> {
+        if self.metrics == enabled {
+            return Ok(());
+        }
+        let topo = &mut self.topo;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            for n in [EDGE, WORKER] {
+                topo.restart_with(n, |spec| {
+                    spec.metrics = vec![format!("enabled = {enabled}")];
+                });
+            }
+            topo.wait_for_mesh(Duration::from_secs(20));
+        }))
+        .map_err(|_| anyhow!("restarting the daemons failed (the message is above)"))?;
+        self.metrics = enabled;
+        for n in [EDGE, WORKER] {
+            let pid = self.daemon_pid(n).context("daemon not running")?;
+            pin_process(pid, self.sut_cpu)?;
+        }
+        // The new XDP programs brought new NAPI instances; their threads are made again.
+        for n in [EDGE, WORKER] {
+            sys::write_sysfs_net(self.host(n), "eth0", "threaded", "0")?;
+        }
+        self.napi = self.thread_napi()?;
+        Ok(())
+    }
+
     /// Enables threaded NAPI on `eth0` of the edge and the worker and pins the threads
     /// to the system under test's CPU. Each device must have NAPI already (an XDP
-    /// program, or GRO on).
+    /// program, or GRO on), and threaded NAPI off.
     fn thread_napi(&self) -> Result<Vec<Napi>> {
         let mut out = Vec::new();
         for n in [EDGE, WORKER] {
