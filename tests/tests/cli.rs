@@ -16,6 +16,8 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// The interface does not exist: a `run` that got past its early checks could attach
+/// nothing in the host namespace.
 fn write_config(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
     let path = dir.join("flynode.toml");
     std::fs::write(
@@ -23,7 +25,7 @@ fn write_config(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
         format!(
             "region = \"test\"\nnode_id = \"n1\"\nmesh_address = \"fd00:f1::1\"\n\
              key_dir = \"{d}/keys\"\ncontrol_socket = \"{d}/control.sock\"\n\
-             [xdp]\ninterface = \"eth0\"\n{extra}",
+             [xdp]\ninterface = \"fly-absent0\"\n{extra}",
             d = dir.display()
         ),
     )

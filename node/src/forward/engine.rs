@@ -113,11 +113,16 @@ impl ServiceRoute {
     }
 }
 
+/// The table's keys come from the routing map, never from a packet, so a fast
+/// non-cryptographic hash cannot be steered into collisions; every datagram does one or
+/// two lookups here.
+type MapHasher = foldhash::fast::RandomState;
+
 #[derive(Default)]
 struct Table {
-    services: HashMap<u32, ServiceRoute>,
+    services: HashMap<u32, ServiceRoute, MapHasher>,
     /// (anycast address, port) → service id.
-    endpoints: HashMap<SocketAddr, u32>,
+    endpoints: HashMap<SocketAddr, u32, MapHasher>,
 }
 
 impl Table {
