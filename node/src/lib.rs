@@ -2,8 +2,8 @@
 pub mod config;
 pub mod control;
 pub mod daemon;
-pub mod fleet;
 pub mod demo;
+pub mod fleet;
 pub mod forward;
 pub mod ingress;
 pub mod mesh;
