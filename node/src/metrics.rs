@@ -27,6 +27,9 @@ use tokio::sync::Semaphore;
 
 use crate::control::Status;
 
+mod samples;
+pub use samples::Samples;
+
 /// What Prometheus expects for the text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// The largest request head read; a scrape's is a few hundred bytes.

@@ -151,58 +151,12 @@ fn status() -> Status {
     }
 }
 
-/// One sample of the exposition: name and labels (sorted) → value.
-type Samples = BTreeMap<(String, BTreeMap<String, String>), f64>;
-
 fn samples(text: &str) -> Samples {
-    let mut out = Samples::new();
-    for line in text
-        .lines()
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-    {
-        let (series, value) = line.rsplit_once(' ').expect("`series value`");
-        let (name, labels) = match series.split_once('{') {
-            Some((name, rest)) => (
-                name.to_owned(),
-                labels(rest.strip_suffix('}').expect("closing brace")),
-            ),
-            None => (series.to_owned(), BTreeMap::new()),
-        };
-        let value: f64 = value.parse().expect("numeric value");
-        assert!(
-            out.insert((name, labels), value).is_none(),
-            "duplicate series: {line}"
-        );
-    }
-    out
-}
-
-/// `a="x",b="y, \"z\""` → {a: x, b: y, "z"}.
-fn labels(mut rest: &str) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    while !rest.is_empty() {
-        let (key, after) = rest.split_once("=\"").expect("label=\"value\"");
-        let mut value = String::new();
-        let mut chars = after.char_indices();
-        let end = loop {
-            match chars.next().expect("closing quote") {
-                (_, '\\') => value.push(chars.next().expect("escaped character").1),
-                (i, '"') => break i,
-                (_, c) => value.push(c),
-            }
-        };
-        out.insert(key.to_owned(), value);
-        rest = after[end + 1..].trim_start_matches(',');
-    }
-    out
+    Samples::parse(text)
 }
 
 fn get(s: &Samples, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let labels = labels
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-    s.get(&(name.to_owned(), labels)).copied()
+    s.get(name, labels)
 }
 
 #[track_caller]
@@ -413,7 +367,7 @@ fn names_follow_the_prometheus_conventions() {
             "base units: {name}"
         );
     }
-    for (name, _) in samples(&text).keys() {
+    for name in samples(&text).names() {
         assert!(types.contains_key(name), "{name} has no # TYPE line");
     }
     assert!(
