@@ -82,6 +82,33 @@ pub struct Kv {
     pub create_revision: i64,
 }
 
+impl Kv {
+    /// An etcd key-value as (key, [`Kv`]); a value that is not UTF-8 keeps its valid
+    /// parts and fails validation with the rest of the record.
+    pub fn of(kv: &etcd_client::KeyValue) -> (String, Kv) {
+        (
+            String::from_utf8_lossy(kv.key()).into_owned(),
+            Kv {
+                value: String::from_utf8_lossy(kv.value()).into_owned(),
+                create_revision: kv.create_revision(),
+            },
+        )
+    }
+}
+
+/// Reads everything under the layout's prefix, at one revision.
+pub async fn read_view(client: &mut etcd_client::Client, layout: &Layout) -> anyhow::Result<View> {
+    let prefix = layout.prefix();
+    let response = client
+        .get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
+        .await
+        .with_context(|| format!("reading {prefix} from etcd"))?;
+    Ok(View {
+        revision: response.header().map_or(0, |h| h.revision()),
+        records: response.kvs().iter().map(Kv::of).collect(),
+    })
+}
+
 /// Everything under the prefix at one revision.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct View {

@@ -11,9 +11,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
 
-use super::{Kv, Layout, View};
+use super::Layout;
 use crate::routing::{RoutingMap, Service};
 
 /// How the CLI reaches etcd.
@@ -28,30 +28,6 @@ const DEADLINE: Duration = Duration::from_secs(10);
 
 async fn connect(target: &Target) -> anyhow::Result<Client> {
     super::source::connect(&target.endpoints).await
-}
-
-async fn read_view(client: &mut Client, layout: &Layout) -> anyhow::Result<View> {
-    let prefix = layout.prefix();
-    let response = client
-        .get(prefix, Some(GetOptions::new().with_prefix()))
-        .await
-        .with_context(|| format!("reading {prefix} from etcd"))?;
-    Ok(View {
-        revision: response.header().map_or(0, |h| h.revision()),
-        records: response
-            .kvs()
-            .iter()
-            .map(|kv| {
-                (
-                    String::from_utf8_lossy(kv.key()).into_owned(),
-                    Kv {
-                        value: String::from_utf8_lossy(kv.value()).into_owned(),
-                        create_revision: kv.create_revision(),
-                    },
-                )
-            })
-            .collect(),
-    })
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -91,7 +67,7 @@ pub fn apply(target: &Target, path: &Path) -> anyhow::Result<Applied> {
         .with_context(|| format!("{}: cannot read services file", path.display()))?;
     bounded("services apply", async {
         let mut client = connect(target).await?;
-        let view = read_view(&mut client, &target.layout).await?;
+        let view = super::read_view(&mut client, &target.layout).await?;
         // The names the file replaces, from a first parse against an empty map (which
         // also catches every error inside the file itself).
         let (own, _) = RoutingMap::parse_services(&text, path, &RoutingMap::default())?;
@@ -135,7 +111,7 @@ pub fn apply(target: &Target, path: &Path) -> anyhow::Result<Applied> {
 pub fn list(target: &Target) -> anyhow::Result<(Vec<Service>, BTreeMap<String, String>)> {
     bounded("services list", async {
         let mut client = connect(target).await?;
-        let view = read_view(&mut client, &target.layout).await?;
+        let view = super::read_view(&mut client, &target.layout).await?;
         let assembled = view.assemble(&target.layout);
         let services = assembled.map.services.into_values().collect();
         let services_prefix = target.layout.services();

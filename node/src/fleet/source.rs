@@ -283,13 +283,10 @@ impl Session<'_> {
                         }
                         for event in response.events() {
                             let Some(kv) = event.kv() else { continue };
-                            let key = String::from_utf8_lossy(kv.key()).into_owned();
+                            let (key, record) = Kv::of(kv);
                             match event.event_type() {
                                 EventType::Put => {
-                                    view.records.insert(key, Kv {
-                                        value: String::from_utf8_lossy(kv.value()).into_owned(),
-                                        create_revision: kv.create_revision(),
-                                    });
+                                    view.records.insert(key, record);
                                 }
                                 EventType::Delete => {
                                     view.records.remove(&key);
@@ -330,25 +327,8 @@ impl Session<'_> {
 
     async fn resync(&mut self, client: &mut Client) -> anyhow::Result<(View, WatchStream)> {
         let prefix = self.settings.layout.prefix();
-        let response = client
-            .get(prefix, Some(GetOptions::new().with_prefix()))
-            .await
-            .with_context(|| format!("reading {prefix} from etcd"))?;
-        let revision = response.header().map_or(0, |h| h.revision());
-        let records = response
-            .kvs()
-            .iter()
-            .map(|kv| {
-                (
-                    String::from_utf8_lossy(kv.key()).into_owned(),
-                    Kv {
-                        value: String::from_utf8_lossy(kv.value()).into_owned(),
-                        create_revision: kv.create_revision(),
-                    },
-                )
-            })
-            .collect();
-        let view = View { revision, records };
+        let view = super::read_view(client, &self.settings.layout).await?;
+        let revision = view.revision;
         let stream = client
             .watch(
                 prefix,
