@@ -5,18 +5,22 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
-use aya::maps::{HashMap, MapData, PerCpuArray, XskMap};
+use aya::maps::{MapData, PerCpuArray, XskMap};
 use aya::programs::xdp::XdpLinkId;
 use aya::programs::{Xdp, XdpMode as AyaXdpMode};
 use aya::{Ebpf, include_bytes_aligned};
 use flynode_xdp_common::{
-    AddrKey, COUNTER_SLOTS, COUNTERS_MAP, Counter, PROGRAM_NAME, SERVICE_ADDRS_MAP,
-    SERVICE_FLAG_PROXY_PROTOCOL, SERVICES_MAP, ServiceKey, ServiceValue, Verdict, XSKS_MAP,
+    AddrKey, COUNTER_SLOTS, COUNTERS_MAP, Counter, PROGRAM_NAME, SERVICE_FLAG_PROXY_PROTOCOL,
+    SERVICE_TABLE_MAP, ServiceKey, ServiceValue, TABLE_CONFIG_MAP, Verdict, XSKS_MAP,
 };
 use serde::Serialize;
 
 use crate::config::XdpMode;
 use crate::routing::RoutingMap;
+
+pub mod table;
+
+pub use table::{TableError, TableReader};
 
 /// The eBPF object built by build.rs, embedded so the binary is all an operator installs.
 static PROGRAM_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flynode-xdp"));
@@ -54,6 +58,14 @@ pub enum XdpError {
         "flynode's XDP program (id {id}) on `{interface}` is held by a live bpf_link: another flynode daemon runs on this interface"
     )]
     Busy { interface: String, id: u32 },
+    #[error("mapping BPF map `{map}` into memory: {source}")]
+    Mmap {
+        map: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the XDP endpoints table: {0}")]
+    Table(#[from] TableError),
     #[error("BPF map `{map}`: {source}")]
     Map {
         map: &'static str,
@@ -93,8 +105,9 @@ impl std::fmt::Display for AttachedMode {
 pub struct XdpClassifier {
     ebpf: Ebpf,
     attached: Option<Attached>,
-    services: HashMap<MapData, ServiceKey, ServiceValue>,
-    service_addrs: HashMap<MapData, AddrKey, u32>,
+    table: table::TableWriter,
+    /// The endpoints the table holds (what [`Self::apply_endpoints`] last applied).
+    endpoints: BTreeMap<ServiceKey, ServiceValue>,
     xsks: XskMap<MapData>,
     counters: PerCpuArray<MapData, u64>,
 }
@@ -141,15 +154,22 @@ impl XdpClassifier {
             .try_into()
             .map_err(XdpError::Program)?;
         program.load().map_err(XdpError::Program)?;
-        let services = take_map(&mut ebpf, SERVICES_MAP, HashMap::try_from)?;
-        let service_addrs = take_map(&mut ebpf, SERVICE_ADDRS_MAP, HashMap::try_from)?;
+        let slots = take_map(&mut ebpf, SERVICE_TABLE_MAP, array_data)?;
+        let config = take_map(&mut ebpf, TABLE_CONFIG_MAP, array_data)?;
+        let table =
+            table::TableWriter::new(slots.fd().as_fd(), config.fd().as_fd()).map_err(|source| {
+                XdpError::Mmap {
+                    map: SERVICE_TABLE_MAP,
+                    source,
+                }
+            })?;
         let xsks = take_map(&mut ebpf, XSKS_MAP, XskMap::try_from)?;
         let counters = take_map(&mut ebpf, COUNTERS_MAP, PerCpuArray::try_from)?;
         Ok(Self {
             ebpf,
             attached: None,
-            services,
-            service_addrs,
+            table,
+            endpoints: BTreeMap::new(),
             xsks,
             counters,
         })
@@ -252,63 +272,37 @@ impl XdpClassifier {
         self.attached.as_ref().map(|a| a.mode)
     }
 
-    /// Makes the endpoints maps hold exactly `desired` (services and the node's own
-    /// WireGuard endpoints), touching only entries that differ: the program keeps
-    /// classifying traffic for unchanged entries throughout.
+    /// Makes the endpoints table hold exactly `desired` (services and the node's own
+    /// WireGuard endpoints). The new table is built aside and switched in with one store
+    /// (see [`table`]): the program classifies every datagram by either the old or the
+    /// new table, never a mix, so unchanged entries are never disturbed.
     pub fn apply_endpoints(
         &mut self,
         desired: &BTreeMap<ServiceKey, ServiceValue>,
     ) -> Result<ServiceMapDiff, XdpError> {
         let mut diff = ServiceMapDiff::default();
-        let map_err = |map| move |source| XdpError::Map { map, source };
-        let current: Vec<(ServiceKey, ServiceValue)> = self
-            .services
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(map_err(SERVICES_MAP))?;
-        let current: BTreeMap<_, _> = current.into_iter().collect();
-
-        // Addresses first on add, last on remove, so a datagram for a new service is
-        // never counted as "unknown port" and one for a removed service never as
-        // "service" after its address is gone.
-        let desired_addrs = addr_port_counts(desired);
-        let current_addrs: BTreeMap<AddrKey, u32> = self
-            .service_addrs
-            .iter()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(map_err(SERVICE_ADDRS_MAP))?
-            .into_iter()
-            .collect();
-        for (addr, ports) in &desired_addrs {
-            if current_addrs.get(addr) != Some(ports) {
-                self.service_addrs
-                    .insert(addr, ports, 0)
-                    .map_err(map_err(SERVICE_ADDRS_MAP))?;
-            }
-        }
         for (key, value) in desired {
-            match current.get(key) {
-                Some(v) if v == value => continue,
+            match self.endpoints.get(key) {
+                Some(v) if v == value => {}
                 Some(_) => diff.changed += 1,
                 None => diff.added += 1,
             }
-            self.services
-                .insert(key, value, 0)
-                .map_err(map_err(SERVICES_MAP))?;
         }
-        for key in current.keys().filter(|k| !desired.contains_key(k)) {
-            self.services.remove(key).map_err(map_err(SERVICES_MAP))?;
-            diff.removed += 1;
-        }
-        for addr in current_addrs
+        diff.removed = self
+            .endpoints
             .keys()
-            .filter(|a| !desired_addrs.contains_key(a))
-        {
-            self.service_addrs
-                .remove(addr)
-                .map_err(map_err(SERVICE_ADDRS_MAP))?;
+            .filter(|k| !desired.contains_key(k))
+            .count();
+        if diff != ServiceMapDiff::default() || self.table.live().is_none() {
+            self.table.publish(table::build(desired)?);
+            self.endpoints = desired.clone();
         }
         Ok(diff)
+    }
+
+    /// The value the program finds for `key` now.
+    pub fn endpoint(&self, key: &ServiceKey) -> Option<ServiceValue> {
+        self.table.live().and_then(|t| t.get(key))
     }
 
     /// Registers the AF_XDP socket bound to RX queue `queue`: from now on the program
@@ -426,16 +420,65 @@ fn take_map<M>(
     convert(map).map_err(|source| XdpError::Map { map: name, source })
 }
 
-/// Ports served per service address; WireGuard endpoints are not service addresses (UDP
-/// to other ports of the host's own address is the host's business, not a drop).
-fn addr_port_counts(entries: &BTreeMap<ServiceKey, ServiceValue>) -> BTreeMap<AddrKey, u32> {
-    let mut out = BTreeMap::new();
-    for (key, value) in entries {
-        if !value.is_wireguard() {
-            *out.entry(key.addr).or_insert(0) += 1;
+impl TableReader {
+    /// The live endpoints table of flynode's program attached to `interface` (in this
+    /// network namespace), found through the program's maps: for tools and tests that
+    /// watch a running daemon's data plane.
+    pub fn attached(interface: &str) -> Result<Self, XdpError> {
+        let inspect = |source| XdpError::Inspect {
+            interface: interface.to_owned(),
+            source,
+        };
+        let id = flynode_tunnel::io::link::xdp_attachment(interface)
+            .map_err(inspect)?
+            .ok_or_else(|| inspect(std::io::Error::other("no XDP program attached")))?
+            .program_id;
+        let program = aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .find(|p| p.id() == id)
+            .ok_or_else(|| inspect(std::io::Error::other(format!("program {id} not found"))))?;
+        let name = program.name_as_str().unwrap_or_default();
+        if name != PROGRAM_NAME {
+            return Err(XdpError::Foreign {
+                interface: interface.to_owned(),
+                id,
+                name: name.to_owned(),
+            });
         }
+        let ids = program
+            .map_ids()
+            .map_err(|e| inspect(std::io::Error::other(e)))?
+            .unwrap_or_default();
+        let find = |wanted: &'static str| -> Result<MapData, XdpError> {
+            for map_id in &ids {
+                let data = MapData::from_id(*map_id).map_err(|source| XdpError::Map {
+                    map: wanted,
+                    source,
+                })?;
+                let info = data.info().map_err(|source| XdpError::Map {
+                    map: wanted,
+                    source,
+                })?;
+                if info.name_as_str() == Some(wanted) {
+                    return Ok(data);
+                }
+            }
+            Err(XdpError::Missing(wanted))
+        };
+        let slots = find(SERVICE_TABLE_MAP)?;
+        let config = find(TABLE_CONFIG_MAP)?;
+        TableReader::new(slots.fd().as_fd(), config.fd().as_fd()).map_err(|source| XdpError::Mmap {
+            map: SERVICE_TABLE_MAP,
+            source,
+        })
     }
-    out
+}
+
+fn array_data(map: aya::maps::Map) -> Result<MapData, aya::maps::MapError> {
+    match map {
+        aya::maps::Map::Array(data) => Ok(data),
+        _ => Err(aya::maps::MapError::InvalidMapType { map_type: 0 }),
+    }
 }
 
 pub fn addr_key(addr: IpAddr) -> AddrKey {

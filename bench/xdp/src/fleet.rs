@@ -23,8 +23,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use aya::maps::{HashMap, Map, MapData, MapError, MapInfo};
-use flynode_xdp_common::{AddrKey, PROGRAM_NAME, SERVICES_MAP, ServiceKey, ServiceValue};
+use flynode::xdp::TableReader;
+use flynode_xdp_common::{AddrKey, ServiceKey};
 
 use crate::classify::pass_fail;
 use crate::sys;
@@ -232,48 +232,15 @@ impl Writer {
     }
 }
 
-/// The daemon's services map, found through the program attached to `interface`.
-fn services_map(interface: &str) -> Result<HashMap<MapData, ServiceKey, ServiceValue>> {
-    let attachment = flynode_tunnel::io::link::xdp_attachment(interface)
-        .with_context(|| format!("reading the XDP attachment of {interface}"))?
-        .with_context(|| format!("no XDP program attached to {interface}"))?;
-    let id = attachment.program_id;
-    let program = aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .find(|p| p.id() == id)
-        .with_context(|| format!("XDP program {id} of {interface} not found"))?;
-    let name = program.name_as_str().unwrap_or_default();
-    if name != PROGRAM_NAME {
-        bail!("the XDP program on {interface} is `{name}` (id {id}), not flynode's");
-    }
-    let maps = program
-        .map_ids()
-        .context("map ids of the XDP program")?
-        .context("this kernel does not list a program's maps")?;
-    for map_id in maps {
-        let info = MapInfo::from_id(map_id).with_context(|| format!("BPF map {map_id}"))?;
-        if info.name_as_str() == Some(SERVICES_MAP) {
-            let data = MapData::from_id(map_id).with_context(|| format!("BPF map {map_id}"))?;
-            return HashMap::try_from(Map::HashMap(data))
-                .with_context(|| format!("{SERVICES_MAP} (map {map_id}) as a hash map"));
-        }
-    }
-    bail!("program {id} on {interface} has no {SERVICES_MAP} map")
-}
-
-/// Whether the map shows the bench service on `port`.
-fn serves(map: &HashMap<MapData, ServiceKey, ServiceValue>, port: u16) -> Result<bool> {
+/// Whether the daemon's live XDP table shows the bench service on `port`.
+fn serves(table: &TableReader, port: u16) -> bool {
     let key = ServiceKey::new(AddrKey::from_ipv4(ANYCAST.octets()), port);
-    match map.get(&key, 0) {
-        Ok(v) => Ok(v.service_id == SERVICE_ID),
-        Err(MapError::KeyNotFound) => Ok(false),
-        Err(e) => Err(e).context("reading the services map"),
-    }
+    table.get(&key).is_some_and(|v| v.service_id == SERVICE_ID)
 }
 
 /// Polls until `serves(port) == want`: the time it took, or `None` after `timeout`.
 fn wait_for(
-    map: &HashMap<MapData, ServiceKey, ServiceValue>,
+    map: &TableReader,
     port: u16,
     want: bool,
     t0: Instant,
@@ -281,7 +248,7 @@ fn wait_for(
 ) -> Result<Option<Duration>> {
     loop {
         // Checked before the clock is read: t1 is the first poll that saw it.
-        if serves(map, port)? == want {
+        if serves(map, port) == want {
             return Ok(Some(t0.elapsed()));
         }
         if t0.elapsed() >= opts.timeout {
@@ -313,10 +280,10 @@ fn measure(opts: &Options) -> Result<()> {
     // The daemon may still be starting.
     let deadline = Instant::now() + Duration::from_secs(20);
     let map = loop {
-        match services_map(&opts.interface) {
+        match TableReader::attached(&opts.interface) {
             Ok(map) => break map,
             Err(e) if Instant::now() >= deadline => {
-                return Err(e.context("the daemon's XDP services map"));
+                return Err(anyhow::Error::new(e).context("the daemon's XDP endpoints table"));
             }
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }

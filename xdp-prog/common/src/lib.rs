@@ -8,19 +8,23 @@
 
 /// Name of the XDP program in the object file.
 pub const PROGRAM_NAME: &str = "flynode_xdp";
-/// Name of the endpoints map: `ServiceKey -> ServiceValue`, every (address, port) this
-/// node takes into userspace: service ports and its own WireGuard endpoint(s).
-pub const SERVICES_MAP: &str = "SERVICES";
-/// Name of the service addresses map: `AddrKey -> u32` (number of ports served on it).
-pub const SERVICE_ADDRS_MAP: &str = "SERVICE_ADDRS";
+/// Name of the endpoints table: an array of [`table::Slot`]s holding every (address,
+/// port) this node takes into userspace (service ports and its own WireGuard
+/// endpoint(s)) and every service address, as an open-addressing hash table in two
+/// halves (see [`table`]).
+pub const SERVICE_TABLE_MAP: &str = "SERVICE_TABLE";
+/// Name of the table's one-element configuration array ([`table::Config`]): which half
+/// is live and its hash seeds.
+pub const TABLE_CONFIG_MAP: &str = "TABLE_CONFIG";
 /// Name of the AF_XDP socket map: RX queue index -> socket.
 pub const XSKS_MAP: &str = "XSKS";
 /// Name of the per-CPU counters array, indexed by [`Counter`].
 pub const COUNTERS_MAP: &str = "COUNTERS";
 
-/// Capacity of the services map. A host serves at most this many (address, port) pairs.
+/// A host serves at most this many (address, port) pairs (its WireGuard endpoints
+/// included).
 pub const MAX_SERVICES: u32 = 16_384;
-/// Capacity of the service addresses map.
+/// A host serves on at most this many distinct service addresses.
 pub const MAX_SERVICE_ADDRS: u32 = 4_096;
 /// Capacity of the XSKMAP: the most RX queues a NIC may have for us.
 pub const MAX_QUEUES: u32 = 256;
@@ -80,11 +84,11 @@ impl ServiceKey {
     }
 }
 
-/// Value of the services map.
+/// What an endpoint of the table stands for.
 ///
-/// The node's own WireGuard endpoints live in the same hash map as the services, marked
-/// by [`SERVICE_FLAG_WIREGUARD`]: one lookup decides both, and every map lookup is a
-/// measurable share of the classifier's budget (the benchmark in bench/xdp counts it).
+/// The node's own WireGuard endpoints live in the same table as the services, marked by
+/// [`SERVICE_FLAG_WIREGUARD`]: one lookup decides both, and every lookup is a measurable
+/// share of the classifier's budget (the benchmark in bench/xdp counts it).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct ServiceValue {
@@ -147,6 +151,120 @@ pub mod wireguard {
             COOKIE_REPLY => len == COOKIE_REPLY_LEN,
             TRANSPORT_DATA => len >= TRANSPORT_DATA_MIN_LEN,
             _ => false,
+        }
+    }
+}
+
+/// The endpoints table: an open-addressing hash table (linear probing) laid out in a
+/// `BPF_MAP_TYPE_ARRAY`, written by userspace through `mmap` and read by the program.
+///
+/// Why not a `BPF_MAP_TYPE_HASH`: a hash map lookup is a helper call that hashes the
+/// whole key with jhash, about 17-19 ns on this kind of machine (measured by
+/// `bench/xdp.sh`, "reference" lines), and the classifier needs up to two of them per
+/// datagram, while its whole budget is a few tens of ns. An array lookup is inlined by
+/// the verifier into a bounds check and an address computation, so probing a slot costs
+/// a few instructions; the hash is two multiplications.
+///
+/// Updates never disturb a reader: the array holds two halves of [`SLOTS`] slots; the
+/// program reads the half [`Config::active`] names. Userspace builds the new table in
+/// the other half, then switches `active` with one store. A half is written again only
+/// after an RCU grace period has passed since it stopped being live (every XDP run is
+/// an RCU read-side critical section), so no program ever reads a slot mid-write.
+///
+/// A table is built from scratch for every change (no deletions, no tombstones): a key
+/// sits at most [`MAX_PROBES`] - 1 slots after its home slot, and a probe stops at the
+/// first empty slot. Userspace picks new seeds if a key would land further away (at a
+/// load of at most 31% that is rare, and bounded retries turn it into an error).
+pub mod table {
+    use super::ServiceValue;
+
+    /// log2 of the slots in one half.
+    pub const SLOTS_LOG2: u32 = 16;
+    /// Slots in one half: [`super::MAX_SERVICES`] + [`super::MAX_SERVICE_ADDRS`] keys fill
+    /// at most 31% of it, which keeps probe sequences short.
+    pub const SLOTS: u32 = 1 << SLOTS_LOG2;
+    /// Entries in the array map: two halves.
+    pub const ARRAY_ENTRIES: u32 = 2 * SLOTS;
+    /// Longest probe sequence the program walks.
+    pub const MAX_PROBES: u32 = 8;
+    /// `BPF_F_MMAPABLE`: the maps are written by userspace through `mmap`.
+    pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+    /// An unused slot: ends every probe sequence.
+    pub const KIND_EMPTY: u16 = 0;
+    /// An (address, port) endpoint; `value` says what it is.
+    pub const KIND_ENDPOINT: u16 = 1;
+    /// A service address (port 0): a datagram to it on a port with no endpoint is
+    /// dropped as "unknown port".
+    pub const KIND_ADDRESS: u16 = 2;
+
+    /// One slot: 32 bytes, so a slot never straddles two cache lines.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+    pub struct Slot {
+        /// The address ([`super::AddrKey`]) as two little-endian 64-bit words, the way
+        /// the program loads it from the packet.
+        pub addr: [u64; 2],
+        /// UDP port as on the wire (see [`super::ServiceKey::port_be`]); 0 for
+        /// [`KIND_ADDRESS`].
+        pub port_be: u16,
+        pub kind: u16,
+        pub _pad: u32,
+        pub value: ServiceValue,
+    }
+
+    /// The table's configuration (element 0 of its own array).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+    pub struct Config {
+        /// The live half: 0 or 1 (the program masks it).
+        pub active: u32,
+        pub _pad: u32,
+        /// Hash seeds of each half (odd multipliers; see [`home`]).
+        pub seeds: [[u64; 2]; 2],
+    }
+
+    /// The 16 bytes of an address as the table's two words.
+    #[inline(always)]
+    pub const fn addr_words(addr: &[u8; 16]) -> [u64; 2] {
+        let mut lo = [0u8; 8];
+        let mut hi = [0u8; 8];
+        let mut i = 0;
+        while i < 8 {
+            lo[i] = addr[i];
+            hi[i] = addr[8 + i];
+            i += 1;
+        }
+        [u64::from_le_bytes(lo), u64::from_le_bytes(hi)]
+    }
+
+    /// The second word of an IPv4-mapped address (`::ffff:a.b.c.d`) whose four octets,
+    /// in wire order, were loaded as one little-endian `u32`.
+    #[inline(always)]
+    pub const fn ipv4_word(octets_le: u32) -> u64 {
+        0xffff_0000 | ((octets_le as u64) << 32)
+    }
+
+    /// Home slot of a key, in `0..SLOTS`: multiply-shift hashing (Dietzfelbinger et al.)
+    /// of the key folded to 64 bits with a seed-dependent multiplication, so no two keys
+    /// collide for every seed. Keys are ours (the routing map), never chosen by senders,
+    /// so the hash only has to spread them; a datagram with any address walks at most
+    /// [`MAX_PROBES`] slots.
+    #[inline(always)]
+    pub const fn home(addr: [u64; 2], port_be: u16, kind: u16, seeds: [u64; 2]) -> u32 {
+        let tail = (port_be as u64) | ((kind as u64) << 16);
+        let x =
+            (addr[0].wrapping_mul(seeds[0]) ^ addr[1]).wrapping_add(tail.wrapping_mul(seeds[0]));
+        (x.wrapping_mul(seeds[1]) >> (64 - SLOTS_LOG2)) as u32
+    }
+
+    impl Slot {
+        #[inline(always)]
+        pub const fn holds(&self, addr: [u64; 2], port_be: u16, kind: u16) -> bool {
+            self.addr[1] == addr[1]
+                && self.addr[0] == addr[0]
+                && self.port_be == port_be
+                && self.kind == kind
         }
     }
 }
@@ -302,6 +420,8 @@ mod user {
     unsafe impl aya::Pod for super::AddrKey {}
     unsafe impl aya::Pod for super::ServiceKey {}
     unsafe impl aya::Pod for super::ServiceValue {}
+    unsafe impl aya::Pod for super::table::Slot {}
+    unsafe impl aya::Pod for super::table::Config {}
 }
 
 #[cfg(test)]
@@ -329,6 +449,8 @@ mod tests {
         assert_eq!(core::mem::size_of::<AddrKey>(), 16);
         assert_eq!(core::mem::size_of::<ServiceKey>(), 20);
         assert_eq!(core::mem::size_of::<ServiceValue>(), 8);
+        assert_eq!(core::mem::size_of::<table::Slot>(), 32);
+        assert_eq!(core::mem::size_of::<table::Config>(), 40);
     }
 
     #[test]
@@ -348,6 +470,22 @@ mod tests {
         assert!(!plausible([0, 0, 0, 0], 32));
     }
 
+    /// The program derives the verdict from the slot number (xdp-prog/ebpf, `flynode_xdp`).
+    #[test]
+    fn counter_slots_are_ordered_by_verdict() {
+        for c in Counter::ALL {
+            let slot = c as u32;
+            let expected = if slot < Counter::SocketService as u32 {
+                Verdict::Userspace
+            } else if slot < Counter::DropMalformedEthernet as u32 {
+                Verdict::Pass
+            } else {
+                Verdict::Drop
+            };
+            assert_eq!(c.verdict(), expected, "{c:?}");
+        }
+    }
+
     #[test]
     fn socket_fallback_is_a_pass() {
         for c in [Counter::UserspaceService, Counter::UserspaceWireguard] {
@@ -361,6 +499,40 @@ mod tests {
         let k = AddrKey::from_ipv4([198, 18, 0, 1]);
         let v6 = core::net::Ipv4Addr::new(198, 18, 0, 1).to_ipv6_mapped();
         assert_eq!(k.addr, v6.octets());
+    }
+
+    #[test]
+    fn ipv4_word_is_the_second_word_of_the_mapped_address() {
+        let octets = [198, 18, 0, 1];
+        let mapped = AddrKey::from_ipv4(octets);
+        let words = table::addr_words(&mapped.addr);
+        assert_eq!(words[0], 0);
+        assert_eq!(words[1], table::ipv4_word(u32::from_le_bytes(octets)));
+    }
+
+    #[test]
+    fn home_is_in_range_and_depends_on_every_part_of_the_key() {
+        let seeds = [0x9e37_79b9_7f4a_7c15, 0xbf58_476d_1ce4_e5b9];
+        let a = table::addr_words(&AddrKey::from_ipv4([198, 18, 0, 1]).addr);
+        let b = table::addr_words(&AddrKey::from_ipv4([198, 18, 0, 2]).addr);
+        let h = |addr, port: u16, kind| table::home(addr, port.to_be(), kind, seeds);
+        assert!(h(a, 53, table::KIND_ENDPOINT) < table::SLOTS);
+        assert_ne!(
+            h(a, 53, table::KIND_ENDPOINT),
+            h(b, 53, table::KIND_ENDPOINT)
+        );
+        assert_ne!(
+            h(a, 53, table::KIND_ENDPOINT),
+            h(a, 54, table::KIND_ENDPOINT)
+        );
+        assert_ne!(h(a, 0, table::KIND_ENDPOINT), h(a, 0, table::KIND_ADDRESS));
+        let v6 = [0xfd, 0, 0, 0x72, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10];
+        let mut other = v6;
+        other[3] = 0x73;
+        assert_ne!(
+            h(table::addr_words(&v6), 53, 1),
+            h(table::addr_words(&other), 53, 1)
+        );
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! flynode's XDP program: classify every frame arriving on the NIC.
 //!
-//! Ethernet (+ one 802.1Q tag) → IPv4 (with options) / IPv6 → UDP, then two map lookups:
-//! `(destination address, port)` in SERVICES decides "to userspace", and the address
-//! alone in SERVICE_ADDRS decides "a service address on a port nothing serves" (drop).
+//! Ethernet (+ one 802.1Q tag) → IPv4 (with options) / IPv6 → UDP, then up to two lookups
+//! in the endpoints table (SERVICE_TABLE, an array-backed hash table; see
+//! `flynode_xdp_common::table`): `(destination address, port)` decides "to userspace",
+//! and the address alone decides "a service address on a port nothing serves" (drop).
 //! Everything else passes to the kernel untouched. Every frame increments exactly one
 //! slot of COUNTERS, so the counters add up to the frames seen.
 //!
@@ -10,6 +11,7 @@
 //! model): every policy decision is a map lookup, nothing is configured by recompiling.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 #[cfg(target_arch = "bpf")]
 mod program;

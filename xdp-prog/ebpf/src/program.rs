@@ -1,19 +1,20 @@
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
-    maps::{HashMap, PerCpuArray, XskMap},
+    maps::{Array, PerCpuArray, XskMap},
     programs::XdpContext,
 };
 use flynode_xdp_common::{
-    AddrKey, COUNTER_SLOTS, Counter, MAX_IPV6_EXT_HEADERS, MAX_QUEUES, MAX_SERVICE_ADDRS,
-    MAX_SERVICES, ServiceKey, ServiceValue, wireguard,
+    COUNTER_SLOTS, Counter, MAX_IPV6_EXT_HEADERS, MAX_QUEUES,
+    table::{self, BPF_F_MMAPABLE, Config, KIND_ADDRESS, KIND_EMPTY, KIND_ENDPOINT, Slot},
+    wireguard,
 };
 
 #[map]
-static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entries(MAX_SERVICES, 0);
+static SERVICE_TABLE: Array<Slot> = Array::with_max_entries(table::ARRAY_ENTRIES, BPF_F_MMAPABLE);
 
 #[map]
-static SERVICE_ADDRS: HashMap<AddrKey, u32> = HashMap::with_max_entries(MAX_SERVICE_ADDRS, 0);
+static TABLE_CONFIG: Array<Config> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 #[map]
 static XSKS: XskMap = XskMap::with_max_entries(MAX_QUEUES, 0);
@@ -48,53 +49,74 @@ const OFFSET_MASK: usize = 0xffff;
 #[xdp]
 pub fn flynode_xdp(ctx: XdpContext) -> u32 {
     let counter = classify(&ctx);
-    match counter {
-        Counter::UserspaceService | Counter::UserspaceWireguard => {
-            // XDP_PASS in the flags' low bits is what bpf_redirect_map returns when the
-            // queue has no socket: the kernel stack then delivers the datagram to
-            // flynode's UDP socket (the socket fallback), and it is counted as such.
-            match XSKS.redirect(ctx.rx_queue_index(), xdp_action::XDP_PASS as u64) {
-                Ok(action) => {
-                    count(counter);
-                    action
-                }
-                Err(action) => {
-                    count(counter.socket_fallback());
-                    action
-                }
-            }
+    // Counter slots are ordered by verdict (userspace, pass, drop; checked by a test in
+    // flynode-xdp-common), so the verdict is two comparisons and the counter is
+    // incremented in one place.
+    let (counter, action) = if (counter as u32) < Counter::SocketService as u32 {
+        // XDP_PASS in the flags' low bits is what bpf_redirect_map returns when the
+        // queue has no socket: the kernel stack then delivers the datagram to
+        // flynode's UDP socket (the socket fallback), and it is counted as such.
+        match XSKS.redirect(ctx.rx_queue_index(), xdp_action::XDP_PASS as u64) {
+            Ok(action) => (counter, action),
+            Err(action) => (counter.socket_fallback(), action),
         }
-        _ => {
-            count(counter);
-            match counter.verdict() {
-                flynode_xdp_common::Verdict::Drop => xdp_action::XDP_DROP,
-                _ => xdp_action::XDP_PASS,
-            }
-        }
-    }
-}
-
-#[inline(always)]
-fn count(counter: Counter) {
+    } else if (counter as u32) < Counter::DropMalformedEthernet as u32 {
+        (counter, xdp_action::XDP_PASS)
+    } else {
+        (counter, xdp_action::XDP_DROP)
+    };
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
         // SAFETY: per-CPU slot, so no other program instance writes it concurrently.
         unsafe { *slot += 1 };
     }
+    action
 }
 
-/// `Some(pointer)` to `N` bytes at `offset` when they lie inside the frame. Every packet
+/// Packet loads of one instruction each.
+///
+/// Header fields sit at any alignment (a 14-byte Ethernet header puts IPv4 addresses at
+/// 2 mod 4). The BPF machine has no alignment traps: the verifier accepts misaligned
+/// packet loads (unless a program is loaded with BPF_F_STRICT_ALIGNMENT) and the JITs
+/// emit plain loads. LLVM's BPF backend, however, assumes strict alignment and splits
+/// every `read_unaligned` into single-byte loads, shifts and ors (7 instructions for a
+/// `u32`), a measurable share of a classifier whose budget is a few tens of ns. So the
+/// loads are written in BPF assembly. Each takes the address of bytes that the caller
+/// has checked to lie inside the frame (the verifier checks it again).
+mod load {
+    use core::arch::asm;
+
+    macro_rules! loader {
+        ($name:ident, $t:ty, $insn:literal) => {
+            /// # Safety
+            /// `addr..addr + size_of::<T>()` lies inside the frame.
+            #[inline(always)]
+            pub unsafe fn $name(addr: usize) -> $t {
+                let value: u64;
+                // SAFETY: the caller's contract; the asm only reads that memory.
+                unsafe {
+                    asm!($insn, v = lateout(reg) value, p = in(reg) addr,
+                        options(readonly, nostack, preserves_flags, pure))
+                };
+                value as $t
+            }
+        };
+    }
+    loader!(u8_at, u8, "{v} = *(u8 *)({p} + 0)");
+    loader!(u16_at, u16, "{v} = *(u16 *)({p} + 0)");
+    loader!(u32_at, u32, "{v} = *(u32 *)({p} + 0)");
+    loader!(u64_at, u64, "{v} = *(u64 *)({p} + 0)");
+}
+
+/// The address of `N` bytes at `offset` when they lie inside the frame. Every packet
 /// read goes through here: the comparison against `data_end` is what the verifier needs
 /// to see before any load.
 #[inline(always)]
-fn bytes_at<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<&[u8; N]> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    let offset = offset & OFFSET_MASK;
-    if start + offset + N > end {
+fn bytes_at<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<usize> {
+    let at = ctx.data() + (offset & OFFSET_MASK);
+    if at + N > ctx.data_end() {
         return None;
     }
-    // SAFETY: the range [start+offset, start+offset+N) was just checked to be in the frame.
-    Some(unsafe { &*((start + offset) as *const [u8; N]) })
+    Some(at)
 }
 
 /// Whether the frame is at least `len` bytes long. A comparison rather than
@@ -105,9 +127,10 @@ fn frame_holds(ctx: &XdpContext, len: usize) -> bool {
     ctx.data() + len <= ctx.data_end()
 }
 
+/// A 16-bit field as loaded (network order in memory) compared with a constant.
 #[inline(always)]
-fn be16(hi: u8, lo: u8) -> u16 {
-    ((hi as u16) << 8) | lo as u16
+const fn wire16(host: u16) -> u16 {
+    host.to_be()
 }
 
 #[inline(always)]
@@ -115,20 +138,23 @@ fn classify(ctx: &XdpContext) -> Counter {
     let Some(eth) = bytes_at::<ETH_HLEN>(ctx, 0) else {
         return Counter::DropMalformedEthernet;
     };
-    let mut ethertype = be16(eth[12], eth[13]);
+    // SAFETY (every load below): inside the range its `bytes_at` checked.
+    let mut ethertype = unsafe { load::u16_at(eth + 12) };
     let mut l3 = ETH_HLEN;
-    if ethertype == ETH_P_8021Q {
+    if ethertype == wire16(ETH_P_8021Q) {
         let Some(tag) = bytes_at::<VLAN_HLEN>(ctx, ETH_HLEN) else {
             return Counter::DropMalformedEthernet;
         };
-        ethertype = be16(tag[2], tag[3]);
+        ethertype = unsafe { load::u16_at(tag + 2) };
         l3 = ETH_HLEN + VLAN_HLEN;
     }
-    match ethertype {
-        ETH_P_IPV4 => classify_ipv4(ctx, l3),
-        ETH_P_IPV6 => classify_ipv6(ctx, l3),
+    if ethertype == wire16(ETH_P_IPV4) {
+        classify_ipv4(ctx, l3)
+    } else if ethertype == wire16(ETH_P_IPV6) {
+        classify_ipv6(ctx, l3)
+    } else {
         // Includes a second (QinQ) tag: only one tag is ours to look through.
-        _ => Counter::PassNotIp,
+        Counter::PassNotIp
     }
 }
 
@@ -137,32 +163,39 @@ fn classify_ipv4(ctx: &XdpContext, l3: usize) -> Counter {
     let Some(ip) = bytes_at::<IPV4_HLEN_MIN>(ctx, l3) else {
         return Counter::DropMalformedIpv4;
     };
-    if ip[0] >> 4 != 4 {
+    let version_ihl = unsafe { load::u8_at(ip) };
+    if version_ihl >> 4 != 4 {
         return Counter::DropMalformedIpv4;
     }
     // IHL is 4 bits, so the header (with options) is 20..=60 bytes: a bound the verifier
     // can carry into the UDP offset below.
-    let ihl = ((ip[0] & 0x0f) as usize) * 4;
-    let total_len = be16(ip[2], ip[3]) as usize;
+    let ihl = ((version_ihl & 0x0f) as usize) * 4;
+    let total_len = u16::from_be(unsafe { load::u16_at(ip + 2) }) as usize;
     // Frames may carry Ethernet padding after the datagram, never less than it.
     if ihl < IPV4_HLEN_MIN || total_len < ihl || !frame_holds(ctx, l3 + total_len) {
         return Counter::DropMalformedIpv4;
     }
-    if ip[9] != IPPROTO_UDP {
+    if unsafe { load::u8_at(ip + 9) } != IPPROTO_UDP {
         return Counter::PassNotUdp;
     }
     // Fragments go to the kernel, which reassembles them: a later fragment has no UDP
     // header to classify, and a first one does not hold the whole datagram. flynode
     // keeps a UDP socket on every service port, so the reassembled datagram reaches it.
-    let frag = be16(ip[6], ip[7]);
-    if frag & IPV4_OFFSET_MASK != 0 {
-        return Counter::PassFragmentLater;
+    let frag = unsafe { load::u16_at(ip + 6) };
+    if frag & wire16(IPV4_OFFSET_MASK | IPV4_MF) != 0 {
+        return if frag & wire16(IPV4_OFFSET_MASK) != 0 {
+            Counter::PassFragmentLater
+        } else {
+            Counter::PassFragmentFirst
+        };
     }
-    if frag & IPV4_MF != 0 {
-        return Counter::PassFragmentFirst;
-    }
-    let dst = AddrKey::from_ipv4([ip[16], ip[17], ip[18], ip[19]]);
-    classify_udp(ctx, dst, l3 + (ihl & 0x3c), l3 + total_len)
+    let dst = unsafe { load::u32_at(ip + 16) };
+    classify_udp(
+        ctx,
+        [0, table::ipv4_word(dst)],
+        l3 + (ihl & 0x3c),
+        l3 + total_len,
+    )
 }
 
 #[inline(always)]
@@ -170,36 +203,37 @@ fn classify_ipv6(ctx: &XdpContext, l3: usize) -> Counter {
     let Some(ip) = bytes_at::<IPV6_HLEN>(ctx, l3) else {
         return Counter::DropMalformedIpv6;
     };
-    if ip[0] >> 4 != 6 {
+    if unsafe { load::u8_at(ip) } >> 4 != 6 {
         return Counter::DropMalformedIpv6;
     }
-    let ip_end = l3 + IPV6_HLEN + be16(ip[4], ip[5]) as usize;
+    let ip_end = l3 + IPV6_HLEN + u16::from_be(unsafe { load::u16_at(ip + 4) }) as usize;
     if !frame_holds(ctx, ip_end) {
         return Counter::DropMalformedIpv6;
     }
-    let mut dst = [0u8; 16];
-    dst.copy_from_slice(&ip[24..40]);
-    let mut next = ip[6];
+    let dst = unsafe { [load::u64_at(ip + 24), load::u64_at(ip + 32)] };
+    let mut next = unsafe { load::u8_at(ip + 6) };
     let mut offset = l3 + IPV6_HLEN;
     // A bounded walk of the extension headers (RFC 8200 §4): each iteration reads one
     // header's next-header and length bytes; the verifier sees at most
     // MAX_IPV6_EXT_HEADERS iterations, each offset bounded by OFFSET_MASK.
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         match next {
-            IPPROTO_UDP => return classify_udp(ctx, AddrKey::from_ipv6(dst), offset, ip_end),
+            IPPROTO_UDP => return classify_udp(ctx, dst, offset, ip_end),
             IPV6_NEXTHDR_HOP | IPV6_NEXTHDR_ROUTING | IPV6_NEXTHDR_DEST => {
                 let Some(h) = bytes_at::<2>(ctx, offset) else {
                     return Counter::DropMalformedIpv6;
                 };
-                next = h[0];
-                offset = (offset + (h[1] as usize + 1) * 8) & OFFSET_MASK;
+                let (n, len) = unsafe { (load::u8_at(h), load::u8_at(h + 1)) };
+                next = n;
+                offset = (offset + (len as usize + 1) * 8) & OFFSET_MASK;
             }
             IPV6_NEXTHDR_AUTH => {
                 let Some(h) = bytes_at::<2>(ctx, offset) else {
                     return Counter::DropMalformedIpv6;
                 };
-                next = h[0];
-                offset = (offset + (h[1] as usize + 2) * 4) & OFFSET_MASK;
+                let (n, len) = unsafe { (load::u8_at(h), load::u8_at(h + 1)) };
+                next = n;
+                offset = (offset + (len as usize + 2) * 4) & OFFSET_MASK;
             }
             IPV6_NEXTHDR_FRAGMENT => {
                 let Some(h) = bytes_at::<IPV6_FRAG_HLEN>(ctx, offset) else {
@@ -207,7 +241,8 @@ fn classify_ipv6(ctx: &XdpContext, l3: usize) -> Counter {
                 };
                 // An atomic fragment (offset 0, no more fragments; RFC 6946) is a whole
                 // datagram, but the kernel handles it as a fragment: so do we.
-                return if be16(h[2], h[3]) & IPV6_OFFSET_MASK != 0 {
+                let offset_flags = unsafe { load::u16_at(h + 2) };
+                return if offset_flags & wire16(IPV6_OFFSET_MASK) != 0 {
                     Counter::PassFragmentLater
                 } else {
                     Counter::PassFragmentFirst
@@ -221,36 +256,66 @@ fn classify_ipv6(ctx: &XdpContext, l3: usize) -> Counter {
         }
     }
     if next == IPPROTO_UDP {
-        return classify_udp(ctx, AddrKey::from_ipv6(dst), offset, ip_end);
+        return classify_udp(ctx, dst, offset, ip_end);
     }
     Counter::PassIpv6ExtLimit
 }
 
-/// The UDP header at `offset`, inside an IP datagram that ends at `ip_end`.
+/// The UDP header at `offset`, inside an IP datagram that ends at `ip_end`, to the
+/// address `dst` (as [`table::addr_words`]).
 #[inline(always)]
-fn classify_udp(ctx: &XdpContext, dst: AddrKey, offset: usize, ip_end: usize) -> Counter {
+fn classify_udp(ctx: &XdpContext, dst: [u64; 2], offset: usize, ip_end: usize) -> Counter {
     let Some(udp) = bytes_at::<UDP_HLEN>(ctx, offset) else {
         return Counter::DropMalformedUdp;
     };
-    let udp_len = be16(udp[4], udp[5]) as usize;
+    let udp_len = u16::from_be(unsafe { load::u16_at(udp + 4) }) as usize;
     if udp_len < UDP_HLEN || offset + udp_len > ip_end {
         return Counter::DropMalformedUdp;
     }
-    let key = ServiceKey::new(dst, be16(udp[2], udp[3]));
-    if let Some(value) = SERVICES.get_ptr(&key) {
-        // SAFETY: a map value pointer from a successful lookup, valid for this program run.
-        let value = unsafe { &*value };
-        if !value.is_wireguard() {
+    let Some(config) = TABLE_CONFIG.get(0) else {
+        return Counter::PassNotService;
+    };
+    let port_be = unsafe { load::u16_at(udp + 2) };
+    if let Some(slot) = lookup(config, dst, port_be, KIND_ENDPOINT) {
+        if !slot.value.is_wireguard() {
             return Counter::UserspaceService;
         }
         let payload_len = udp_len - UDP_HLEN;
         return match bytes_at::<4>(ctx, offset + UDP_HLEN) {
-            Some(head) if wireguard::plausible(*head, payload_len) => Counter::UserspaceWireguard,
+            Some(head)
+                if wireguard::plausible(
+                    unsafe { load::u32_at(head) }.to_le_bytes(),
+                    payload_len,
+                ) =>
+            {
+                Counter::UserspaceWireguard
+            }
             _ => Counter::DropNotWireguard,
         };
     }
-    if SERVICE_ADDRS.get_ptr(&dst).is_some() {
+    if lookup(config, dst, 0, KIND_ADDRESS).is_some() {
         return Counter::DropUnknownPort;
     }
     Counter::PassNotService
+}
+
+/// The live half's slot holding `(addr, port_be, kind)`: at most [`table::MAX_PROBES`]
+/// inlined array lookups from the key's home slot, stopping at the first empty one.
+#[inline(always)]
+fn lookup(config: &Config, addr: [u64; 2], port_be: u16, kind: u16) -> Option<&'static Slot> {
+    let half = config.active & 1;
+    let seeds = config.seeds[half as usize];
+    let base = half * table::SLOTS;
+    let mut index = table::home(addr, port_be, kind, seeds);
+    for _ in 0..table::MAX_PROBES {
+        let slot = SERVICE_TABLE.get(base + (index & (table::SLOTS - 1)))?;
+        if slot.kind == KIND_EMPTY {
+            return None;
+        }
+        if slot.holds(addr, port_be, kind) {
+            return Some(slot);
+        }
+        index = index.wrapping_add(1);
+    }
+    None
 }
