@@ -37,7 +37,7 @@ fn endpoints(round: u32, n: u32) -> BTreeMap<ServiceKey, ServiceValue> {
         };
         out.insert(key(addr, port), ServiceValue::service(100 + i, i % 2));
     }
-    if round % 2 == 0 {
+    if round.is_multiple_of(2) {
         out.insert(
             key(Ipv4Addr::new(198, 18, 0, 1), 51820),
             ServiceValue::WIREGUARD,
