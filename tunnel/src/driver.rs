@@ -104,6 +104,25 @@ impl Port<'_> {
         }
     }
 
+    /// As [`build_tun`](Self::build_tun), for a packet whose transport checksum the kernel
+    /// completes: `build` returns `(length, csum_start, csum_offset)` with the folded
+    /// pseudo-header sum in the checksum field (see [`TunSendBatch::commit_partial`]).
+    pub fn build_tun_partial(
+        &mut self,
+        max_len: usize,
+        build: impl FnOnce(&mut [u8]) -> Option<(usize, u16, u16)>,
+    ) {
+        if self.tun.is_full() {
+            self.shared.write_tun(self.tun);
+        }
+        let Some((len, start, offset)) = build(self.tun.reserve(max_len)) else {
+            return;
+        };
+        if !self.tun.commit_partial(len, start, offset) {
+            self.shared.counters.tun_tx_errors.fetch_add(1, Relaxed);
+        }
+    }
+
     /// Encrypts an inner IP packet for the peer that owns its destination address and
     /// queues it for the network.
     pub fn to_mesh(&mut self, packet: &[u8]) -> Result<(), Drop> {

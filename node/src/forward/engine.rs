@@ -504,8 +504,8 @@ impl Forwarding {
             &[payload]
         };
         let max = packet::udp_overhead(client.is_ipv6()) + header.len() + payload.len();
-        port.build_tun(max, |buf| {
-            packet::write_udp(buf, client, target, parts).unwrap_or(0)
+        port.build_tun_partial(max, |buf| {
+            packet::write_udp_partial(buf, client, target, parts)
         });
         c.worker_delivered.fetch_add(1, Relaxed);
         route.counters.count_hop(Hop::WorkerToContainer);

@@ -77,6 +77,8 @@ const GRO_CHUNK: usize = 1024;
 const UNWRITTEN: u8 = 0xff;
 
 const GSO_NONE: u8 = 0;
+/// virtio-net header flag: the checksum at `csum_start + csum_offset` is to be completed.
+const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
 const GSO_TCPV4: u8 = 1;
 const GSO_TCPV6: u8 = 4;
 const GSO_UDP_L4: u8 = 5;
@@ -327,7 +329,9 @@ impl TunDevice {
     /// offload, so GRO can coalesce into them; MTU-sized otherwise).
     pub fn new_send_batch(&self, capacity: usize) -> TunSendBatch {
         if self.offload {
-            TunSendBatch::with_capacity(capacity, MAX_IP_PACKET)
+            let mut batch = TunSendBatch::with_capacity(capacity, MAX_IP_PACKET);
+            batch.vnet = true;
+            batch
         } else {
             TunSendBatch::with_capacity(capacity, usize::from(self.mtu))
         }
@@ -416,7 +420,7 @@ impl TunDevice {
                     &mut batch.stats,
                 )
             } else {
-                self.write_plain(&batch.bufs[start..end], &mut batch.stats)
+                self.write_plain(&mut batch.bufs[start..end], &mut batch.stats)
             };
             start = end;
         }
@@ -424,14 +428,55 @@ impl TunDevice {
         res.map(|()| (batch.stats.packets - before) as usize)
     }
 
-    fn write_plain(&self, bufs: &[PktBuf], stats: &mut TunSendStats) -> io::Result<()> {
+    fn write_plain(&self, bufs: &mut [PktBuf], stats: &mut TunSendStats) -> io::Result<()> {
         for b in bufs {
+            if let Some((start, offset)) = b.partial.take() {
+                // A batch made for a device with virtio headers, used with one without.
+                complete_checksum(&mut b.data[VIRTIO_NET_HDR_LEN..b.len], start, offset);
+            }
             self.write_one(&b.data[VIRTIO_NET_HDR_LEN..b.len], 1, stats)?;
         }
         Ok(())
     }
 
     fn write_coalesced(
+        &self,
+        bufs: &mut [PktBuf],
+        gro: &mut GROTable,
+        stats: &mut TunSendStats,
+    ) -> io::Result<()> {
+        let partial = bufs.iter().filter(|b| b.partial.is_some()).count();
+        if partial > 0 {
+            if partial < bufs.len() {
+                // Mixed (rare: one receive batch both forwarded datagrams and carried
+                // mesh traffic): GRO takes the others first. Stable, so neither group
+                // is reordered.
+                bufs.sort_by_key(|b| b.partial.is_some());
+            }
+            let (gro_bufs, partial_bufs) = bufs.split_at_mut(bufs.len() - partial);
+            if !gro_bufs.is_empty() {
+                self.write_gro(gro_bufs, gro, stats)?;
+            }
+            for b in partial_bufs {
+                let (csum_start, csum_offset) = b.partial.take().unwrap_or_default();
+                let hdr = VirtioNetHdr {
+                    flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
+                    gso_type: GSO_NONE,
+                    hdr_len: csum_start + csum_offset + 2,
+                    gso_size: 0,
+                    csum_start,
+                    csum_offset,
+                };
+                hdr.encode(&mut b.data[..VIRTIO_NET_HDR_LEN])
+                    .ctx(|| format!("virtio header for TUN device {}", self.name))?;
+                self.write_one(&b.data[..b.len], 1, stats)?;
+            }
+            return Ok(());
+        }
+        self.write_gro(bufs, gro, stats)
+    }
+
+    fn write_gro(
         &self,
         bufs: &mut [PktBuf],
         gro: &mut GROTable,
@@ -727,6 +772,10 @@ impl TunRecvBatch {
 struct PktBuf {
     data: Vec<u8>,
     len: usize,
+    /// `(csum_start, csum_offset)` of a packet committed with
+    /// [`TunSendBatch::commit_partial`] for the kernel to complete: written with its own
+    /// virtio header, outside GRO.
+    partial: Option<(u16, u16)>,
 }
 
 impl PktBuf {
@@ -734,6 +783,7 @@ impl PktBuf {
         PktBuf {
             data: vec![0u8; bytes],
             len: 0,
+            partial: None,
         }
     }
 }
@@ -784,6 +834,9 @@ pub struct TunSendBatch {
     buf_bytes: usize,
     gro: GROTable,
     stats: TunSendStats,
+    /// Made for a device with virtio-net headers: [`Self::commit_partial`] leaves the
+    /// transport checksum to the kernel.
+    vnet: bool,
 }
 
 impl std::fmt::Debug for TunSendBatch {
@@ -824,6 +877,7 @@ impl TunSendBatch {
             buf_bytes,
             gro: GROTable::new(),
             stats: TunSendStats::default(),
+            vnet: false,
         }
     }
 
@@ -897,7 +951,41 @@ impl TunSendBatch {
             return false;
         }
         b.len = VIRTIO_NET_HDR_LEN + len;
+        b.partial = None;
         self.count += 1;
+        true
+    }
+
+    /// As [`commit`](Self::commit), for a packet whose transport checksum is left to
+    /// complete: the 16-bit field at `csum_start + csum_offset` holds the folded
+    /// pseudo-header sum (not complemented), and the checksum covers `csum_start..`.
+    ///
+    /// On a device with virtio-net headers the packet is written with
+    /// `VIRTIO_NET_HDR_F_NEEDS_CSUM`, so the kernel takes it as CHECKSUM_PARTIAL: a local
+    /// receiver (a container behind a veth) never computes the sum, and a device without
+    /// checksum offload has the kernel complete it on transmit. This saves summing every
+    /// payload byte in userspace (the forwarding layer's worker delivers every datagram
+    /// this way). Such packets bypass GRO. Without virtio headers the checksum is
+    /// completed here.
+    pub fn commit_partial(&mut self, len: usize, csum_start: u16, csum_offset: u16) -> bool {
+        if usize::from(csum_start) + usize::from(csum_offset) + 2 > len {
+            self.reserved = None;
+            self.stats.invalid += 1;
+            return false;
+        }
+        if !self.commit(len) {
+            return false;
+        }
+        let b = &mut self.bufs[self.count - 1];
+        if self.vnet {
+            b.partial = Some((csum_start, csum_offset));
+        } else {
+            complete_checksum(
+                &mut b.data[VIRTIO_NET_HDR_LEN..VIRTIO_NET_HDR_LEN + len],
+                csum_start,
+                csum_offset,
+            );
+        }
         true
     }
 
@@ -920,6 +1008,7 @@ mod tests {
         Rng, in_netns, ip, ipv4_udp, ipv6_udp, tcp_packet, transport_checksum_ok,
     };
     use crate::io::udp::{SendBatch, UdpSocket};
+    use std::collections::BTreeMap;
     use std::io::{Read, Write};
     use std::net::{SocketAddr, TcpListener, UdpSocket as StdUdp};
     use std::sync::Arc;
@@ -1349,6 +1438,72 @@ mod tests {
             assert_eq!(&buf[..n], &want[..]);
             assert_eq!(from.ip(), IpAddr::V4(B4));
         }
+        // Packets left for the kernel to checksum (CHECKSUM_PARTIAL), mixed into one
+        // batch with a coalescable run: every one arrives, in order per flow. Without
+        // offload the batch completes them itself, and a wrong sum would make the
+        // receiving socket drop them.
+        let mut want4 = Vec::new();
+        let mut want6: BTreeMap<u16, Vec<Vec<u8>>> = BTreeMap::new();
+        for i in 0..12u8 {
+            if i % 3 == 0 {
+                let payload = vec![i; 1100];
+                assert!(sb.push(&ipv6_udp(B6, 5003, A6, 7777, &payload)));
+                want6.entry(5003).or_default().push(payload);
+            } else {
+                let payload = vec![i + 50; 700 + usize::from(i)];
+                let p = if i % 2 == 0 {
+                    ipv4_udp(B4, 5004, A4, 7777, &payload)
+                } else {
+                    ipv6_udp(B6, 5005, A6, 7777, &payload)
+                };
+                let reserved = sb.reserve(p.len());
+                reserved.copy_from_slice(&p);
+                let (start, offset) = to_partial(reserved);
+                assert!(sb.commit_partial(p.len(), start, offset));
+                if i % 2 == 0 {
+                    want4.push(payload)
+                } else {
+                    want6.entry(5005).or_default().push(payload)
+                }
+            }
+        }
+        sb.reserve(60)
+            .copy_from_slice(&ipv4_udp(B4, 5004, A4, 7777, &[0; 32]));
+        assert!(
+            !sb.commit_partial(60, 20, 40),
+            "checksum field beyond the packet"
+        );
+        assert_eq!(dev.send_batch(&mut sb).unwrap(), 12);
+        assert_eq!(sb.stats().rejected, 0);
+        let mut got6: BTreeMap<u16, Vec<Vec<u8>>> = BTreeMap::new();
+        for _ in 0..want6.values().map(Vec::len).sum::<usize>() {
+            let (n, from) = rx6.recv_from(&mut buf).expect("v6 datagram");
+            got6.entry(from.port()).or_default().push(buf[..n].to_vec());
+        }
+        assert_eq!(got6, want6);
+        for want in &want4 {
+            let (n, _) = rx4.recv_from(&mut buf).expect("v4 datagram");
+            assert_eq!(&buf[..n], &want[..]);
+        }
+    }
+
+    /// Turns a UDP packet's checksum into the partial form: the folded pseudo-header sum.
+    fn to_partial(p: &mut [u8]) -> (u16, u16) {
+        let (ip_len, addrs) = if p[0] >> 4 == 4 {
+            (usize::from(p[0] & 0x0f) * 4, 12..20)
+        } else {
+            (40, 8..40)
+        };
+        let udp_len = p.len() - ip_len;
+        let mut sum = 17 + udp_len as u64;
+        for w in p[addrs].chunks_exact(2) {
+            sum += u64::from(u16::from_be_bytes([w[0], w[1]]));
+        }
+        while sum >> 16 != 0 {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        p[ip_len + 6..ip_len + 8].copy_from_slice(&(sum as u16).to_be_bytes());
+        (ip_len as u16, 6)
     }
 
     #[test]
