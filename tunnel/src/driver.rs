@@ -11,8 +11,9 @@
 //!   UDP GSO runs.
 //! - `mesh-rx`: UDP → decrypt → TUN (or the forwarding layer). Receives with
 //!   `recvmmsg` + UDP GRO, decrypts, and writes the inner packets to the TUN coalesced
-//!   (GRO) or, for the forwarding port on our mesh address, hands them to the
-//!   [`Forwarder`] in the same thread, without touching the kernel.
+//!   (GRO), a whole batch in one `io_uring_enter`, or, for the forwarding port on our
+//!   mesh address, hands them to the [`Forwarder`] in the same thread, without touching
+//!   the kernel.
 //!
 //! The forwarding layer plugs in through [`Forwarder`]: it sees inner packets for the
 //! forwarding port (after decryption, on the receiving thread) and TUN packets to
