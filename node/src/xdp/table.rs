@@ -77,8 +77,7 @@ impl Built {
     }
 }
 
-/// The probe sequence of the XDP program (xdp-prog/ebpf/src/program.rs, `lookup`) over
-/// one half's slots.
+/// One half's slots probed as the XDP program probes them.
 fn probe(
     slots: &[Slot],
     seeds: [u64; 2],
@@ -86,11 +85,7 @@ fn probe(
     port_be: u16,
     kind: u16,
 ) -> Option<&Slot> {
-    let home = table::home(addr, port_be, kind, seeds);
-    (0..MAX_PROBES)
-        .map(|i| &slots[(home.wrapping_add(i) & (SLOTS - 1)) as usize])
-        .take_while(|s| s.kind != KIND_EMPTY)
-        .find(|s| s.holds(addr, port_be, kind))
+    table::probe(|i| slots.get(i as usize), seeds, addr, port_be, kind)
 }
 
 /// The `attempt`-th pair of seeds: odd 64-bit multipliers from SplitMix64. Deterministic,
@@ -360,15 +355,15 @@ impl TableReader {
         let half = config.active & 1;
         let seeds = config.seeds[half as usize];
         let addr = table::addr_words(&key.addr.addr);
-        let home = table::home(addr, key.port_be, KIND_ENDPOINT, seeds);
-        (0..MAX_PROBES)
-            .map(|i| {
-                self.slots
-                    .read((half * SLOTS + (home.wrapping_add(i) & (SLOTS - 1))) as usize)
-            })
-            .take_while(|s| s.kind != KIND_EMPTY)
-            .find(|s| s.holds(addr, key.port_be, KIND_ENDPOINT))
-            .map(|s| s.value)
+        let base = (half * SLOTS) as usize;
+        table::probe(
+            |i| Some(self.slots.read(base + i as usize)),
+            seeds,
+            addr,
+            key.port_be,
+            KIND_ENDPOINT,
+        )
+        .map(|s| s.value)
     }
 }
 

@@ -258,6 +258,51 @@ pub mod table {
         (x.wrapping_mul(seeds[1]) >> (64 - SLOTS_LOG2)) as u32
     }
 
+    /// A slot as a probe reads it: a reference into a map or slice, or a copy.
+    pub trait SlotRef {
+        fn slot(&self) -> &Slot;
+    }
+
+    impl SlotRef for &Slot {
+        #[inline(always)]
+        fn slot(&self) -> &Slot {
+            self
+        }
+    }
+
+    impl SlotRef for Slot {
+        #[inline(always)]
+        fn slot(&self) -> &Slot {
+            self
+        }
+    }
+
+    /// The probe sequence, the one definition the XDP program and userspace share:
+    /// from the key's home slot, at most [`MAX_PROBES`] slots of one half (`slot(i)`
+    /// reads slot `i` of it, `0..SLOTS`), stopping at the first empty one.
+    #[inline(always)]
+    pub fn probe<S: SlotRef>(
+        slot: impl Fn(u32) -> Option<S>,
+        seeds: [u64; 2],
+        addr: [u64; 2],
+        port_be: u16,
+        kind: u16,
+    ) -> Option<S> {
+        let mut index = home(addr, port_be, kind, seeds);
+        for _ in 0..MAX_PROBES {
+            let s = slot(index & (SLOTS - 1))?;
+            let found = s.slot();
+            if found.kind == KIND_EMPTY {
+                return None;
+            }
+            if found.holds(addr, port_be, kind) {
+                return Some(s);
+            }
+            index = index.wrapping_add(1);
+        }
+        None
+    }
+
     impl Slot {
         #[inline(always)]
         pub const fn holds(&self, addr: [u64; 2], port_be: u16, kind: u16) -> bool {

@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use flynode_xdp_common::{
     COUNTER_SLOTS, Counter, MAX_IPV6_EXT_HEADERS, MAX_QUEUES,
-    table::{self, BPF_F_MMAPABLE, Config, KIND_ADDRESS, KIND_EMPTY, KIND_ENDPOINT, Slot},
+    table::{self, BPF_F_MMAPABLE, Config, KIND_ADDRESS, KIND_ENDPOINT, Slot},
     wireguard,
 };
 
@@ -304,18 +304,12 @@ fn classify_udp(ctx: &XdpContext, dst: [u64; 2], offset: usize, ip_end: usize) -
 #[inline(always)]
 fn lookup(config: &Config, addr: [u64; 2], port_be: u16, kind: u16) -> Option<&'static Slot> {
     let half = config.active & 1;
-    let seeds = config.seeds[half as usize];
     let base = half * table::SLOTS;
-    let mut index = table::home(addr, port_be, kind, seeds);
-    for _ in 0..table::MAX_PROBES {
-        let slot = SERVICE_TABLE.get(base + (index & (table::SLOTS - 1)))?;
-        if slot.kind == KIND_EMPTY {
-            return None;
-        }
-        if slot.holds(addr, port_be, kind) {
-            return Some(slot);
-        }
-        index = index.wrapping_add(1);
-    }
-    None
+    table::probe(
+        |i| SERVICE_TABLE.get(base + i),
+        config.seeds[half as usize],
+        addr,
+        port_be,
+        kind,
+    )
 }
