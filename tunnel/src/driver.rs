@@ -93,21 +93,10 @@ impl Port<'_> {
         ok
     }
 
-    /// Builds a packet for the TUN in place: `build` gets a buffer of `max_len` bytes
-    /// and returns the packet's length (0 = nothing).
-    pub fn build_tun(&mut self, max_len: usize, build: impl FnOnce(&mut [u8]) -> usize) {
-        if self.tun.is_full() {
-            self.shared.write_tun(self.tun);
-        }
-        let len = build(self.tun.reserve(max_len));
-        if len > 0 && !self.tun.commit(len) {
-            self.shared.counters.tun_tx_errors.fetch_add(1, Relaxed);
-        }
-    }
-
-    /// As [`build_tun`](Self::build_tun), for a packet whose transport checksum the kernel
-    /// completes: `build` returns `(length, csum_start, csum_offset)` with the folded
-    /// pseudo-header sum in the checksum field (see [`TunSendBatch::commit_partial`]).
+    /// Builds a packet for the TUN in place whose transport checksum the kernel completes:
+    /// `build` gets a buffer of `max_len` bytes and returns `(length, csum_start,
+    /// csum_offset)` with the folded pseudo-header sum in the checksum field (see
+    /// [`TunSendBatch::commit_partial`]), or `None` for nothing.
     pub fn build_tun_partial(
         &mut self,
         max_len: usize,
