@@ -291,11 +291,9 @@ impl TableWriter {
     }
 
     /// Makes the program read `built`: written into the inactive half, then one store
-    /// switches halves. Returns at once if the live half already holds it.
+    /// switches halves. Callers publish only what changed ([`super::XdpClassifier`]
+    /// compares endpoint sets, far cheaper than comparing two 2 MiB halves).
     pub fn publish(&mut self, built: Built) {
-        if self.live.as_ref() == Some(&built) {
-            return;
-        }
         if let Some(grace) = self.grace.take() {
             // Waits out the rest of the grace period of the previous switch (a few ms,
             // started then, so usually long over): a program that read the old
