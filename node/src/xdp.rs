@@ -11,7 +11,7 @@ use aya::programs::{Xdp, XdpMode as AyaXdpMode};
 use aya::{Ebpf, include_bytes_aligned};
 use flynode_xdp_common::{
     AddrKey, COUNTER_SLOTS, COUNTERS_MAP, Counter, PROGRAM_NAME, SERVICE_FLAG_PROXY_PROTOCOL,
-    SERVICE_TABLE_MAP, ServiceKey, ServiceValue, TABLE_CONFIG_MAP, Verdict, XSKS_MAP,
+    SERVICE_TABLE_MAP, ServiceKey, ServiceValue, Verdict, XSKS_MAP,
 };
 use serde::Serialize;
 
@@ -154,15 +154,11 @@ impl XdpClassifier {
             .try_into()
             .map_err(XdpError::Program)?;
         program.load().map_err(XdpError::Program)?;
-        let slots = take_map(&mut ebpf, SERVICE_TABLE_MAP, array_data)?;
-        let config = take_map(&mut ebpf, TABLE_CONFIG_MAP, array_data)?;
-        let table =
-            table::TableWriter::new(slots.fd().as_fd(), config.fd().as_fd()).map_err(|source| {
-                XdpError::Mmap {
-                    map: SERVICE_TABLE_MAP,
-                    source,
-                }
-            })?;
+        let map = take_map(&mut ebpf, SERVICE_TABLE_MAP, array_data)?;
+        let table = table::TableWriter::new(map.fd().as_fd()).map_err(|source| XdpError::Mmap {
+            map: SERVICE_TABLE_MAP,
+            source,
+        })?;
         let xsks = take_map(&mut ebpf, XSKS_MAP, XskMap::try_from)?;
         let counters = take_map(&mut ebpf, COUNTERS_MAP, PerCpuArray::try_from)?;
         Ok(Self {
@@ -465,9 +461,8 @@ impl TableReader {
             }
             Err(XdpError::Missing(wanted))
         };
-        let slots = find(SERVICE_TABLE_MAP)?;
-        let config = find(TABLE_CONFIG_MAP)?;
-        TableReader::new(slots.fd().as_fd(), config.fd().as_fd()).map_err(|source| XdpError::Mmap {
+        let map = find(SERVICE_TABLE_MAP)?;
+        TableReader::new(map.fd().as_fd()).map_err(|source| XdpError::Mmap {
             map: SERVICE_TABLE_MAP,
             source,
         })

@@ -134,7 +134,7 @@ impl Receiver for AfXdpReceiver {
 /// `BPF_PROG_RUN` of the classifier takes the same redirect path as on the wire. The
 /// socket is bound to a veth in a namespace of its own; both live as long as the guard.
 pub struct TestRunSocket {
-    _xsk: XskSocket,
+    pub xsk: XskSocket,
     _ns: Netns,
 }
 
@@ -158,5 +158,5 @@ pub fn xsk_for_test_run(classifier: &mut XdpClassifier) -> Result<TestRunSocket>
         )?)
     })??;
     classifier.register_socket(0, xsk.fd())?;
-    Ok(TestRunSocket { _xsk: xsk, _ns: ns })
+    Ok(TestRunSocket { xsk, _ns: ns })
 }

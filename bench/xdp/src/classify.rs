@@ -240,6 +240,9 @@ pub fn run(opts: &Options) -> Result<bool> {
     }
     let ok = print_table(&rows);
     reference_lookups(opts, trivial.as_fd(), &cases()[0].frame)?;
+    if let Some(socket) = &_socket {
+        reference_redirect(opts, trivial.as_fd(), socket, &cases()[0].frame)?;
+    }
     Ok(ok)
 }
 
@@ -298,8 +301,9 @@ fn reference_lookups(opts: &Options, trivial: BorrowedFd, frame: &[u8]) -> Resul
         rows.push((name, sys::median(&mut p), sys::median(&mut t)));
     }
     println!(
-        "reference (same frame as the first row): the cost of one lookup in a hash map like \
-         flynode's SERVICES (20-byte key, {} entries capacity):",
+        "reference programs (same frame as the first row): one lookup in a hash map of \
+         20-byte keys ({} entries capacity), the alternative to flynode's table; the \
+         redirect alone:",
         flynode_xdp_common::MAX_SERVICES
     );
     for (name, p, t) in rows {
@@ -310,6 +314,39 @@ fn reference_lookups(opts: &Options, trivial: BorrowedFd, frame: &[u8]) -> Resul
             t / p
         );
     }
+    Ok(())
+}
+
+/// The floor under any classifier that hands datagrams to AF_XDP: a program that does
+/// nothing but `bpf_redirect_map` into an XSKMAP holding the same socket, timed like the
+/// rows above. No classifier's hit rows can score above its ratio.
+fn reference_redirect(
+    opts: &Options,
+    trivial: BorrowedFd,
+    socket: &crate::afxdp::TestRunSocket,
+    frame: &[u8],
+) -> Result<()> {
+    let xsks = rawbpf::create_xskmap(1)?;
+    rawbpf::map_update_u32(xsks.as_fd(), 0, socket.xsk.fd().as_raw_fd() as u32)?;
+    let redirect = rawbpf::load_xdp(
+        "fxb_redirect",
+        &rawbpf::xdp_redirect_xsk(xsks.as_raw_fd(), XDP_PASS),
+    )?;
+    let mut p = Vec::new();
+    let mut t = Vec::new();
+    for _ in 0..opts.rounds {
+        sys::check_interrupted()?;
+        p.push(timed(redirect.as_fd(), frame, opts.repeat)?.0);
+        t.push(timed(trivial, frame, opts.repeat)?.0);
+    }
+    let (p, t) = (sys::median(&mut p), sys::median(&mut t));
+    println!(
+        "  {:<34} {p:>7.2} ns (trivial {t:.2} ns): the redirect costs {:.2} ns; ratio \
+         trivial/this {:.3} (the ceiling of any classifier's hit rows)",
+        "bpf_redirect_map to the AF_XDP socket",
+        p - t,
+        t / p
+    );
     Ok(())
 }
 

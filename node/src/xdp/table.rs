@@ -11,7 +11,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use flynode_xdp_common::table::{
-    self, ARRAY_ENTRIES, Config, KIND_ADDRESS, KIND_EMPTY, KIND_ENDPOINT, MAX_PROBES, SLOTS, Slot,
+    self, ARRAY_ENTRIES, CONFIG_OFFSET, Config, KIND_ADDRESS, KIND_EMPTY, KIND_ENDPOINT,
+    MAX_PROBES, SLOTS, Slot,
 };
 use flynode_xdp_common::{AddrKey, MAX_SERVICE_ADDRS, MAX_SERVICES, ServiceKey, ServiceValue};
 
@@ -182,7 +183,7 @@ fn place(keys: &[Slot], seeds: [u64; 2]) -> Option<Vec<Slot>> {
     Some(slots)
 }
 
-/// A shared, writable mapping of a `BPF_F_MMAPABLE` array map's values.
+/// A shared mapping of part of a `BPF_F_MMAPABLE` array map's values.
 struct Mapping<T> {
     ptr: NonNull<T>,
     len: usize,
@@ -194,10 +195,10 @@ struct Mapping<T> {
 unsafe impl<T> Send for Mapping<T> {}
 
 impl<T: Copy> Mapping<T> {
-    /// Maps the first `len` values of the array `map`, which must have been created with
-    /// `BPF_F_MMAPABLE`, at least `len` entries and a value size of `size_of::<T>()` (a
-    /// multiple of 8, so the kernel lays values out back to back).
-    fn new(map: BorrowedFd<'_>, len: usize, writable: bool) -> io::Result<Self> {
+    /// Maps `len` values of type `T` that start `offset` bytes (a multiple of the page
+    /// size) into the values of the array `map`, which must have been created with
+    /// `BPF_F_MMAPABLE` and be large enough.
+    fn new(map: BorrowedFd<'_>, offset: usize, len: usize, writable: bool) -> io::Result<Self> {
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
         let bytes = (len * size_of::<T>()).div_ceil(page) * page;
@@ -215,7 +216,7 @@ impl<T: Copy> Mapping<T> {
                 prot,
                 libc::MAP_SHARED,
                 map.as_raw_fd(),
-                0,
+                offset as libc::off_t,
             )
         };
         if ptr == libc::MAP_FAILED {
@@ -274,12 +275,12 @@ pub struct TableWriter {
 }
 
 impl TableWriter {
-    /// Maps the program's `SERVICE_TABLE` and `TABLE_CONFIG` arrays, freshly created (all
-    /// zero: half 0 live and empty).
-    pub fn new(slots: BorrowedFd<'_>, config: BorrowedFd<'_>) -> io::Result<Self> {
+    /// Maps the program's `SERVICE_TABLE`, freshly created (all zero: half 0 live and
+    /// empty).
+    pub fn new(map: BorrowedFd<'_>) -> io::Result<Self> {
         Ok(Self {
-            slots: Mapping::new(slots, ARRAY_ENTRIES as usize, true)?,
-            config: Mapping::new(config, 1, true)?,
+            slots: Mapping::new(map, 0, ARRAY_ENTRIES as usize, true)?,
+            config: Mapping::new(map, CONFIG_OFFSET, 1, true)?,
             live: None,
             grace: None,
         })
@@ -340,10 +341,10 @@ pub struct TableReader {
 }
 
 impl TableReader {
-    pub fn new(slots: BorrowedFd<'_>, config: BorrowedFd<'_>) -> io::Result<Self> {
+    pub fn new(map: BorrowedFd<'_>) -> io::Result<Self> {
         Ok(Self {
-            slots: Mapping::new(slots, ARRAY_ENTRIES as usize, false)?,
-            config: Mapping::new(config, 1, false)?,
+            slots: Mapping::new(map, 0, ARRAY_ENTRIES as usize, false)?,
+            config: Mapping::new(map, CONFIG_OFFSET, 1, false)?,
         })
     }
 

@@ -6,15 +6,12 @@ use aya_ebpf::{
 };
 use flynode_xdp_common::{
     COUNTER_SLOTS, Counter, MAX_IPV6_EXT_HEADERS, MAX_QUEUES,
-    table::{self, BPF_F_MMAPABLE, Config, KIND_ADDRESS, KIND_ENDPOINT, Slot},
+    table::{self, BPF_F_MMAPABLE, KIND_ADDRESS, KIND_ENDPOINT, Slot, Table},
     wireguard,
 };
 
 #[map]
-static SERVICE_TABLE: Array<Slot> = Array::with_max_entries(table::ARRAY_ENTRIES, BPF_F_MMAPABLE);
-
-#[map]
-static TABLE_CONFIG: Array<Config> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+static SERVICE_TABLE: Array<Table> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 #[map]
 static XSKS: XskMap = XskMap::with_max_entries(MAX_QUEUES, 0);
@@ -272,11 +269,11 @@ fn classify_udp(ctx: &XdpContext, dst: [u64; 2], offset: usize, ip_end: usize) -
     if udp_len < UDP_HLEN || offset + udp_len > ip_end {
         return Counter::DropMalformedUdp;
     }
-    let Some(config) = TABLE_CONFIG.get(0) else {
+    let Some(table) = SERVICE_TABLE.get(0) else {
         return Counter::PassNotService;
     };
     let port_be = unsafe { load::u16_at(udp + 2) };
-    if let Some(slot) = lookup(config, dst, port_be, KIND_ENDPOINT) {
+    if let Some(slot) = lookup(table, dst, port_be, KIND_ENDPOINT) {
         if !slot.value.is_wireguard() {
             return Counter::UserspaceService;
         }
@@ -293,21 +290,27 @@ fn classify_udp(ctx: &XdpContext, dst: [u64; 2], offset: usize, ip_end: usize) -
             _ => Counter::DropNotWireguard,
         };
     }
-    if lookup(config, dst, 0, KIND_ADDRESS).is_some() {
+    if lookup(table, dst, 0, KIND_ADDRESS).is_some() {
         return Counter::DropUnknownPort;
     }
     Counter::PassNotService
 }
 
 /// The live half's slot holding `(addr, port_be, kind)`: at most [`table::MAX_PROBES`]
-/// inlined array lookups from the key's home slot, stopping at the first empty one.
+/// slots from the key's home slot, stopping at the first empty one. Slots are reached by
+/// address arithmetic from the table's one map value; the index is a 17-bit mask, which
+/// is how the verifier (and LLVM, which then drops the bounds check) see it in range.
 #[inline(always)]
-fn lookup(config: &Config, addr: [u64; 2], port_be: u16, kind: u16) -> Option<&'static Slot> {
-    let half = config.active & 1;
-    let base = half * table::SLOTS;
+fn lookup(table: &'static Table, addr: [u64; 2], port_be: u16, kind: u16) -> Option<&'static Slot> {
+    // One volatile load: userspace switches `active` while programs run, and the seeds
+    // and the slots must come from the same half (LLVM could otherwise load it twice
+    // rather than keep it in a register).
+    // SAFETY: a plain aligned u32 inside the map value.
+    let half = unsafe { (&raw const table.config.active).read_volatile() } & 1;
+    let base = half << table::SLOTS_LOG2;
     table::probe(
-        |i| SERVICE_TABLE.get(base + i),
-        config.seeds[half as usize],
+        |i| table.slots.get((base | i) as usize),
+        table.config.seeds[half as usize],
         addr,
         port_be,
         kind,
