@@ -160,8 +160,9 @@ pub fn run(opts: &Options) -> Result<bool> {
     classifier
         .apply_endpoints(&endpoints())
         .context("fill the endpoints map")?;
-    // Keeps the socket (and its namespace) alive while the classifier is timed.
-    let _socket = if opts.with_socket {
+    // Keeps the socket (and its namespace) alive while the programs are timed; the
+    // redirect-only reference uses it too.
+    let socket = if opts.with_socket {
         Some(crate::xsk_for_test_run(&mut classifier)?)
     } else {
         None
@@ -240,7 +241,7 @@ pub fn run(opts: &Options) -> Result<bool> {
     }
     let ok = print_table(&rows);
     reference_lookups(opts, trivial.as_fd(), &cases()[0].frame)?;
-    if let Some(socket) = &_socket {
+    if let Some(socket) = &socket {
         reference_redirect(opts, trivial.as_fd(), socket, &cases()[0].frame)?;
     }
     Ok(ok)
@@ -291,14 +292,8 @@ fn reference_lookups(opts: &Options, trivial: BorrowedFd, frame: &[u8]) -> Resul
         ("XDP_DROP + 1 hash lookup (hit)", hit.as_fd()),
         ("XDP_DROP + 1 hash lookup (miss)", miss.as_fd()),
     ] {
-        let mut p = Vec::new();
-        let mut t = Vec::new();
-        for _ in 0..opts.rounds {
-            sys::check_interrupted()?;
-            p.push(timed(prog, frame, opts.repeat)?.0);
-            t.push(timed(trivial, frame, opts.repeat)?.0);
-        }
-        rows.push((name, sys::median(&mut p), sys::median(&mut t)));
+        let (p, t) = against_trivial(opts, prog, trivial, frame)?;
+        rows.push((name, p, t));
     }
     println!(
         "reference programs (same frame as the first row): one lookup in a hash map of \
@@ -332,14 +327,7 @@ fn reference_redirect(
         "fxb_redirect",
         &rawbpf::xdp_redirect_xsk(xsks.as_raw_fd(), XDP_PASS),
     )?;
-    let mut p = Vec::new();
-    let mut t = Vec::new();
-    for _ in 0..opts.rounds {
-        sys::check_interrupted()?;
-        p.push(timed(redirect.as_fd(), frame, opts.repeat)?.0);
-        t.push(timed(trivial, frame, opts.repeat)?.0);
-    }
-    let (p, t) = (sys::median(&mut p), sys::median(&mut t));
+    let (p, t) = against_trivial(opts, redirect.as_fd(), trivial, frame)?;
     println!(
         "  {:<34} {p:>7.2} ns (trivial {t:.2} ns): the redirect costs {:.2} ns; ratio \
          trivial/this {:.3} (the ceiling of any classifier's hit rows)",
@@ -348,6 +336,23 @@ fn reference_redirect(
         t / p
     );
     Ok(())
+}
+
+/// Median CPU ns per run of `prog` and of `trivial` on `frame`, timed in alternation.
+fn against_trivial(
+    opts: &Options,
+    prog: BorrowedFd,
+    trivial: BorrowedFd,
+    frame: &[u8],
+) -> Result<(f64, f64)> {
+    let mut p = Vec::new();
+    let mut t = Vec::new();
+    for _ in 0..opts.rounds {
+        sys::check_interrupted()?;
+        p.push(timed(prog, frame, opts.repeat)?.0);
+        t.push(timed(trivial, frame, opts.repeat)?.0);
+    }
+    Ok((sys::median(&mut p), sys::median(&mut t)))
 }
 
 fn verdict_name(v: u32) -> &'static str {
