@@ -32,7 +32,9 @@ Environment (defaults in brackets):
   BENCH_RATES=LIST    offered rates in Mpps, `max` = unpaced
                       [0.25,0.5,0.75,1,1.25,1.5,2,2.5,3,4,max]
   BENCH_FLOWS=LIST    workloads: client ports cycled through [1,256]
-  BENCH_ONLY=LIST     receivers: socket,af_xdp [both]
+  BENCH_ONLY=LIST     receivers: socket,af_xdp,af_xdp_bare [all]; af_xdp_bare is a
+                      redirect-only program into the same socket: the ceiling of
+                      any AF_XDP receiver, printed as a ratio to the socket
   BENCH_CONSUMER_SCHED=batch|other   consumer threads' policy [batch]
   BENCH_PAYLOAD=N     UDP payload bytes [64]
   BENCH_REPEAT=N      BPF_PROG_RUN repeat count for classify [10000000]

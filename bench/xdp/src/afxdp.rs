@@ -2,6 +2,7 @@
 //! benchmark's service in its endpoints map, and one AF_XDP socket (copy mode on veth,
 //! need_wakeup) on queue 0 registered in the classifier's XSKMAP.
 use std::collections::BTreeMap;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -18,7 +19,74 @@ use crate::deliver::{
 };
 use crate::sys;
 
-pub struct AfXdpReceiver;
+/// `bare: false`: flynode's classifier. `bare: true`: the ceiling of any AF_XDP receiver
+/// on this path, a program that does nothing but `bpf_redirect_map` into the socket (no
+/// parsing, no lookup, no counter), with the same socket and consumer: what the kernel's
+/// copy-mode AF_XDP path costs by itself.
+pub struct AfXdpReceiver {
+    pub bare: bool,
+}
+
+/// What redirects frames into the socket; dropped (detached) with the receiver.
+enum Redirector {
+    Classifier(XdpClassifier),
+    Bare {
+        _link: OwnedFd,
+        _prog: OwnedFd,
+        _xsks: OwnedFd,
+    },
+}
+
+impl Redirector {
+    /// Attaches the redirector natively to `dev` and registers `xsk` for queue 0;
+    /// returns it and a description.
+    fn attach(bare: bool, dev: &str, xsk: &XskSocket) -> Result<(Redirector, String)> {
+        let ifindex = rawbpf::ifindex(dev)?;
+        if bare {
+            let xsks = rawbpf::create_xskmap(1)?;
+            rawbpf::map_update_u32(xsks.as_fd(), 0, xsk.fd().as_raw_fd() as u32)?;
+            let prog = rawbpf::load_xdp(
+                "fxb_bare_xsk",
+                &rawbpf::xdp_redirect_xsk(xsks.as_raw_fd(), rawbpf::XDP_PASS),
+            )?;
+            let link = rawbpf::attach_xdp(prog.as_fd(), ifindex, rawbpf::AttachMode::Native)
+                .with_context(|| format!("attach the redirect-only program natively to {dev}"))?;
+            let desc = format!("redirect-only program (bpf_redirect_map, nothing else) on {dev}");
+            return Ok((
+                Redirector::Bare {
+                    _link: link,
+                    _prog: prog,
+                    _xsks: xsks,
+                },
+                desc,
+            ));
+        }
+        let mut classifier = XdpClassifier::load().context("load flynode's classifier")?;
+        let attached = classifier
+            .attach(dev, XdpMode::Native)
+            .with_context(|| format!("attach natively to {dev}"))?;
+        classifier.apply_endpoints(&BTreeMap::from([(
+            ServiceKey::new(AddrKey::from_ipv4(SERVICE_ADDR.octets()), SERVICE_PORT),
+            ServiceValue::service(1, 0),
+        )]))?;
+        classifier.register_socket(0, xsk.fd())?;
+        let desc = format!("flynode classifier attached {attached} to {dev}");
+        Ok((Redirector::Classifier(classifier), desc))
+    }
+
+    /// The classifier's non-zero counters, by name.
+    fn counters(&self) -> Result<Vec<(String, u64)>> {
+        let Redirector::Classifier(c) = self else {
+            return Ok(Vec::new());
+        };
+        let counters = c.counters()?;
+        Ok(Counter::ALL
+            .iter()
+            .map(|&k| (format!("classifier_{}", k.name()), counters.get(k)))
+            .filter(|(_, v)| *v != 0)
+            .collect())
+    }
+}
 
 /// How the benchmark sizes its AF_XDP socket.
 pub fn xsk_config(opts: &Options) -> XskConfig {
@@ -45,31 +113,22 @@ impl Receiver for AfXdpReceiver {
         shared: &Shared,
         ready: &mpsc::Sender<Result<()>>,
     ) -> Result<ConsumerReport> {
-        let setup = || -> Result<(XdpClassifier, XskSocket, String)> {
-            let mut classifier = XdpClassifier::load().context("load flynode's classifier")?;
-            let attached = classifier
-                .attach(&topo.rx_dev, XdpMode::Native)
-                .with_context(|| format!("attach natively to {}", topo.rx_dev))?;
-            classifier.apply_endpoints(&BTreeMap::from([(
-                ServiceKey::new(AddrKey::from_ipv4(SERVICE_ADDR.octets()), SERVICE_PORT),
-                ServiceValue::service(1, 0),
-            )]))?;
+        let setup = || -> Result<(Redirector, XskSocket, String)> {
             let ifindex = rawbpf::ifindex(&topo.rx_dev)?;
             let xsk = XskSocket::open(ifindex, 0, &xsk_config(opts))
                 .context("open the AF_XDP socket on queue 0")?;
-            classifier.register_socket(0, xsk.fd())?;
+            let (redirector, attached) = Redirector::attach(self.bare, &topo.rx_dev, &xsk)?;
             let desc = format!(
-                "flynode classifier attached {attached} to {}, AF_XDP socket on queue 0 in {} \
-                 mode, need_wakeup, ring {} / {} frames, batch {}",
-                topo.rx_dev,
+                "{attached}, AF_XDP socket on queue 0 in {} mode, need_wakeup, ring {} / {} \
+                 frames, batch {}",
                 xsk.mode(),
                 opts.xsk_ring,
                 opts.xsk_frames,
                 opts.xsk_batch
             );
-            Ok((classifier, xsk, desc))
+            Ok((redirector, xsk, desc))
         };
-        let (classifier, mut xsk, desc) = match setup() {
+        let (redirector, mut xsk, desc) = match setup() {
             Ok(v) => v,
             Err(e) => {
                 let _ = ready.send(Err(anyhow!("{e:#}")));
@@ -99,7 +158,7 @@ impl Receiver for AfXdpReceiver {
         }
         shared.checksum.store(sum, Ordering::Relaxed);
         let st = xsk.statistics()?;
-        let counters = classifier.counters()?;
+        let counters = redirector.counters()?;
         let delivered = shared.delivered.load(Ordering::Relaxed);
         let mut stats = BTreeMap::new();
         stats.insert("xsk_rx_dropped".to_owned(), st.rx_dropped);
@@ -109,12 +168,7 @@ impl Receiver for AfXdpReceiver {
             st.rx_fill_ring_empty_descs,
         );
         stats.insert("xsk_rx_invalid_descs".to_owned(), st.rx_invalid_descs);
-        for c in Counter::ALL {
-            let v = counters.get(c);
-            if v != 0 {
-                stats.insert(format!("classifier_{}", c.name()), v);
-            }
-        }
+        stats.extend(counters);
         Ok(ConsumerReport {
             where_ran: crate::deliver::where_ran(),
             details: vec![

@@ -8,6 +8,8 @@
 //!    of an XDP_TX program (CPU0)                        198.18.71.10:5353, recvmmsg
 //!                                              af_xdp:  flynode's classifier (native),
 //!                                                       AF_XDP socket on queue 0
+//!                                              af_xdp_bare: a redirect-only program,
+//!                                                       the same socket: the ceiling
 //!                                              consumer thread and napi/fxr* kthread: CPU1
 //! ```
 //!
@@ -56,6 +58,9 @@ const QUIET_BUSY: f64 = 10.0;
 pub enum Mode {
     Socket,
     AfXdp,
+    /// The ceiling of any AF_XDP receiver: a program that only redirects into the
+    /// socket, and a consumer that reads one byte per frame.
+    AfXdpBare,
 }
 
 impl Mode {
@@ -63,6 +68,7 @@ impl Mode {
         match self {
             Mode::Socket => "socket",
             Mode::AfXdp => "af_xdp",
+            Mode::AfXdpBare => "af_xdp_bare",
         }
     }
 }
@@ -785,6 +791,11 @@ impl Summary {
     pub fn ratio(&self) -> Option<f64> {
         Some(self.peak.get("af_xdp")? / self.peak.get("socket")?)
     }
+
+    /// The redirect-only receiver against the socket: no AF_XDP receiver can beat it.
+    pub fn ceiling(&self) -> Option<f64> {
+        Some(self.peak.get("af_xdp_bare")? / self.peak.get("socket")?)
+    }
 }
 
 pub fn flows_name(flows: u32) -> String {
@@ -952,6 +963,20 @@ pub fn print_summary(summaries: &[Summary]) -> bool {
             ns,
             at_max
         );
+        if let Some(c) = s.ceiling() {
+            println!(
+                "  ceiling: redirect-only program {} Mpps = {c:.2}x the socket{}",
+                cell(&s.peak, "af_xdp_bare"),
+                if c < TARGET_RATIO {
+                    format!(
+                        " < {TARGET_RATIO}x: no AF_XDP receiver can meet the target on this \
+                         workload here"
+                    )
+                } else {
+                    String::new()
+                }
+            );
+        }
     }
     println!(
         "peak: each run's best delivered rate over the offered rates (median over runs); \

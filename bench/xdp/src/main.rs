@@ -148,13 +148,15 @@ struct DeliverArgs {
     /// 64 MiB receive buffer).
     #[arg(long, global = true, default_value_t = 16384)]
     xsk_frames: u32,
-    /// Receivers to measure: socket, af_xdp (comma-separated).
+    /// Receivers to measure: socket, af_xdp, af_xdp_bare (comma-separated). af_xdp_bare
+    /// is the ceiling of any AF_XDP receiver here: a program that only redirects into
+    /// the socket.
     #[arg(
         long,
         global = true,
         env = "BENCH_ONLY",
         value_delimiter = ',',
-        default_value = "socket,af_xdp"
+        default_value = "socket,af_xdp,af_xdp_bare"
     )]
     only: Vec<String>,
     /// Seconds to wait, before each run, for no CPU to be more than 10% busy.
@@ -325,7 +327,10 @@ fn run(cli: &Cli) -> Result<bool> {
             modes.push(match m.trim() {
                 "socket" => deliver::Mode::Socket,
                 "af_xdp" | "afxdp" | "xsk" => deliver::Mode::AfXdp,
-                other => anyhow::bail!("unknown receiver `{other}` (socket, af_xdp)"),
+                "af_xdp_bare" => deliver::Mode::AfXdpBare,
+                other => {
+                    anyhow::bail!("unknown receiver `{other}` (socket, af_xdp, af_xdp_bare)")
+                }
             });
         }
         let rates = parse_rates(&d.rates)?;
@@ -355,13 +360,15 @@ fn run(cli: &Cli) -> Result<bool> {
             retries: d.retries,
         };
         let socket = deliver::SocketReceiver;
-        let af_xdp = afxdp::AfXdpReceiver;
+        let af_xdp = afxdp::AfXdpReceiver { bare: false };
+        let af_xdp_bare = afxdp::AfXdpReceiver { bare: true };
         let receivers: Vec<(deliver::Mode, &dyn deliver::Receiver)> = opts
             .modes
             .iter()
             .map(|m| match m {
                 deliver::Mode::Socket => (*m, &socket as &dyn deliver::Receiver),
                 deliver::Mode::AfXdp => (*m, &af_xdp as &dyn deliver::Receiver),
+                deliver::Mode::AfXdpBare => (*m, &af_xdp_bare as &dyn deliver::Receiver),
             })
             .collect();
         let mut summaries = Vec::new();
