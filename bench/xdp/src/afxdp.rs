@@ -29,7 +29,7 @@ pub struct AfXdpReceiver {
 
 /// What redirects frames into the socket; dropped (detached) with the receiver.
 enum Redirector {
-    Classifier(XdpClassifier),
+    Classifier(Box<XdpClassifier>),
     Bare {
         _link: OwnedFd,
         _prog: OwnedFd,
@@ -71,7 +71,7 @@ impl Redirector {
         )]))?;
         classifier.register_socket(0, xsk.fd())?;
         let desc = format!("flynode classifier attached {attached} to {dev}");
-        Ok((Redirector::Classifier(classifier), desc))
+        Ok((Redirector::Classifier(Box::new(classifier)), desc))
     }
 
     /// The classifier's non-zero counters, by name.
