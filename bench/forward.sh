@@ -33,7 +33,8 @@ the edge → via the worker), and the same measurements run again:
    the flow tables and VmRSS of both daemons; target: <= 256 MiB each.
 
 Environment (defaults in brackets):
-  BENCH_RUNS=N          runs per path and payload, the median is reported [5]
+  BENCH_RUNS=N          rounds (a fresh topology, a flynode run, a plain routing run);
+                        the target is on the median of the rounds' ratios [5]
   BENCH_SECONDS=S       measured seconds per offered rate [1]
   BENCH_WARMUP=S        settling time per offered rate [0.3]
   BENCH_FWD_RATES=LIST  offered rates in Mpps, `max` = unpaced
