@@ -1,5 +1,7 @@
 //! Builds the XDP program (xdp-prog/ebpf) for bpfel-unknown-none with aya-build; the
-//! object lands in OUT_DIR and src/xdp.rs embeds it with include_bytes_aligned!.
+//! objects (`flynode-xdp`, the XDP classifier, and `flynode-reply`, the tc reply-capture
+//! program) land in OUT_DIR; src/xdp.rs and src/forward/capture.rs embed them with
+//! include_bytes_aligned!.
 use std::path::Path;
 
 fn main() -> anyhow::Result<()> {

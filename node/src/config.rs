@@ -159,6 +159,9 @@ pub struct FlowConfig {
     pub worker_max: usize,
     #[serde(deserialize_with = "de::duration")]
     pub idle_timeout: Duration,
+    /// How containers' replies reach flynode: `auto` (flynode's tc program on the
+    /// container's interface, a policy rule where it cannot run) or `rules`.
+    pub reply_capture: crate::forward::host::ReplyCaptureChoice,
 }
 
 impl Default for FlowConfig {
@@ -167,6 +170,7 @@ impl Default for FlowConfig {
             edge_max: 1 << 20,
             worker_max: 1 << 20,
             idle_timeout: Duration::from_secs(120),
+            reply_capture: crate::forward::host::ReplyCaptureChoice::Auto,
         }
     }
 }

@@ -233,8 +233,12 @@ async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
     mesh::check_self_entry(&config, &routing, &own_keys);
     mesh::apply_peers(&mesh, &config, &routing)?;
     mesh.initiate_all();
-    let mut host = HostRoutes::setup(mesh.tun_name(), mesh.tun_ifindex())
-        .context("setting up reply routing for containers")?;
+    let mut host = HostRoutes::setup(
+        mesh.tun_name(),
+        mesh.tun_ifindex(),
+        config.flows.reply_capture,
+    )
+    .context("setting up reply routing for containers")?;
     forwarding.apply(&routing, mesh.core());
     host.apply(&forwarding.local_targets());
     tracing::info!(

@@ -346,9 +346,45 @@ fn reply_rules(topo: &Topology, n: u8) -> Vec<String> {
 }
 
 #[test]
+fn with_the_tc_program_the_host_has_no_reply_rules_and_replies_still_come_back() {
+    require_root();
+    let topo = Topology::start(2, &[ServiceSpec::echo(&[2])]);
+    topo.wait_for_mesh(MESH_UP);
+    // `reply_capture = "auto"` (the default): the containers sit behind veths, so the tc
+    // program covers them and no policy rule is needed, for either family.
+    for v6 in [false, true] {
+        let client = topo.client_socket(v6, 52000);
+        let reply = ask(&client, anycast(v6), b"no rules");
+        let Some((text, from)) = reply else {
+            panic!(
+                "no reply over IPv{}: {}",
+                if v6 { 6 } else { 4 },
+                topo.logs()
+            );
+        };
+        // Through flynode, so from the anycast address: a reply the kernel routed
+        // itself would come from the container's.
+        assert_eq!(from, anycast(v6), "{text}");
+        assert_eq!(parse_echo(&text).1, client_addr(v6, 52000));
+    }
+    assert!(
+        reply_rules(&topo, 2).is_empty(),
+        "{:?}",
+        reply_rules(&topo, 2)
+    );
+    assert!(
+        topo.logs().contains("reply capture attached"),
+        "{}",
+        topo.logs()
+    );
+}
+
+#[test]
 fn reply_rules_follow_the_daemon_and_survive_no_crash() {
     require_root();
-    let mut topo = Topology::start(2, &[ServiceSpec::echo(&[2])]);
+    let mut topo = Topology::start_with(2, &[ServiceSpec::echo(&[2])], |spec| {
+        spec.flows.push("reply_capture = \"rules\"".into());
+    });
     let rules = reply_rules(&topo, 2);
     assert_eq!(rules.len(), 2, "{rules:?}");
     assert!(

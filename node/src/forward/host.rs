@@ -12,11 +12,19 @@
 //!
 //! Rules left behind by a crash are found by their table and removed at start; at stop
 //! the rules are removed and the table's routes vanish with the TUN.
-use std::collections::BTreeSet;
+//!
+//! Where it can, the worker captures replies without rules (`[flows] reply_capture =
+//! "auto"`, the default): flynode's tc program on the container's interface redirects
+//! the endpoint's datagrams into the TUN ([`super::capture`], and why). An endpoint the
+//! program cannot cover (no route, no Ethernet header, the kernel refuses the program)
+//! gets its rule, and the reason is logged.
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use anyhow::Context as _;
 use flynode_tunnel::io::route::add_route_in;
+
+use super::capture::{Placement, ReplyCapture};
 use flynode_tunnel::io::rule::{
     SourcePortRule, add_rule, del_rule, list_rules, set_sysctl, sysctl,
 };
@@ -28,13 +36,31 @@ pub const RULE_PRIORITY: u32 = 1000;
 
 pub struct HostRoutes {
     rules: BTreeSet<SourcePortRule>,
+    capture: Option<ReplyCapture>,
+    /// Endpoints left to rules, with the reason last logged for each.
+    fallbacks: BTreeMap<SocketAddr, String>,
+}
+
+/// How container replies are captured (`[flows] reply_capture`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplyCaptureChoice {
+    /// The tc program where it can work, a policy rule elsewhere.
+    #[default]
+    Auto,
+    /// Policy rules only.
+    Rules,
 }
 
 impl HostRoutes {
     /// Prepares the host around the TUN `tun` (index `ifindex`): leftover rules removed,
     /// the reply table's routes, the TUN's sysctls. Problems that only limit delivery
     /// (global forwarding off) are logged as warnings.
-    pub fn setup(tun: &str, ifindex: u32) -> anyhow::Result<HostRoutes> {
+    pub fn setup(
+        tun: &str,
+        ifindex: u32,
+        choice: ReplyCaptureChoice,
+    ) -> anyhow::Result<HostRoutes> {
         let stale = list_rules(REPLY_TABLE).context("listing policy rules")?;
         for rule in &stale {
             del_rule(rule).with_context(|| format!("removing a stale rule `{rule}`"))?;
@@ -63,15 +89,58 @@ impl HostRoutes {
                 "net.ipv4.conf.all.rp_filter = 1 (strict) overrides the TUN's setting: IPv4 datagrams from clients will be dropped on their way to containers; set it to 0 or 2"
             );
         }
+        let capture = match choice {
+            ReplyCaptureChoice::Rules => None,
+            ReplyCaptureChoice::Auto => match ReplyCapture::load(ifindex) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the tc reply-capture program cannot run here; container replies are captured with policy rules");
+                    None
+                }
+            },
+        };
         Ok(HostRoutes {
             rules: BTreeSet::new(),
+            capture,
+            fallbacks: BTreeMap::new(),
         })
+    }
+
+    /// The interfaces whose ingress the tc program watches.
+    pub fn capture_interfaces(&self) -> Vec<String> {
+        self.capture
+            .as_ref()
+            .map(|c| c.interfaces().map(str::to_owned).collect())
+            .unwrap_or_default()
     }
 
     /// Makes the reply rules exactly those of `targets` (this node's container
     /// endpoints). Errors are logged; the other rules are still applied.
     pub fn apply(&mut self, targets: &[SocketAddr]) {
-        let wanted: BTreeSet<SourcePortRule> = targets
+        let ruled: Vec<SocketAddr> = match &mut self.capture {
+            None => targets.to_vec(),
+            Some(capture) => {
+                let mut ruled = Vec::new();
+                let mut fallbacks = BTreeMap::new();
+                for (target, placement) in capture.apply(targets) {
+                    if let Placement::Rule(why) = placement {
+                        if self.fallbacks.get(&target) != Some(&why) {
+                            tracing::warn!(target = %target, reason = %why, "this container's replies are captured with a policy rule");
+                        }
+                        fallbacks.insert(target, why);
+                        ruled.push(target);
+                    }
+                }
+                self.fallbacks = fallbacks;
+                ruled
+            }
+        };
+        self.apply_rules(targets, &ruled);
+    }
+
+    /// Makes the reply rules exactly those of `ruled`.
+    fn apply_rules(&mut self, targets: &[SocketAddr], ruled: &[SocketAddr]) {
+        let wanted: BTreeSet<SourcePortRule> = ruled
             .iter()
             .map(|t| SourcePortRule {
                 src: t.ip(),
@@ -98,7 +167,7 @@ impl HostRoutes {
                 }
             }
         }
-        if !wanted.is_empty() {
+        if !wanted.is_empty() || (self.capture.is_some() && !targets.is_empty()) {
             for (key, family) in [
                 ("net/ipv4/conf/all/forwarding", "IPv4"),
                 ("net/ipv6/conf/all/forwarding", "IPv6"),

@@ -51,6 +51,19 @@ pub struct XdpAttachment {
     pub mode: XdpAttachMode,
 }
 
+/// Whether `interface` is an Ethernet device (`ARPHRD_ETHER`: veth, bridges, NICs),
+/// whose frames start with a MAC header.
+pub fn is_ethernet(interface: &str) -> io::Result<bool> {
+    let mut nl = Netlink::open()?;
+    let link = nl.link_by_name(interface)?.ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("interface {interface} does not exist"),
+        )
+    })?;
+    Ok(link.hw_type == 1)
+}
+
 /// The XDP program attached to `interface`, if any.
 pub fn xdp_attachment(interface: &str) -> io::Result<Option<XdpAttachment>> {
     let mut nl = Netlink::open()?;

@@ -85,6 +85,8 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 /// A link as reported by RTM_GETLINK.
 #[derive(Debug, Clone)]
 pub(crate) struct Link {
+    /// `ifi_type`: the ARPHRD_* hardware type (1: Ethernet).
+    pub hw_type: u16,
     pub mtu: Option<u32>,
     /// The XDP program attached to the link, if any: (program id, `XDP_ATTACHED_*`).
     pub xdp: Option<(u32, u8)>,
@@ -585,6 +587,33 @@ impl Netlink {
         }
     }
 
+    /// The route the kernel would use to reach `dst` (`ip route get`); `None` if it has
+    /// none (unreachable).
+    pub(crate) fn route_to(&mut self, dst: IpAddr) -> io::Result<Option<Route>> {
+        let bits = if dst.is_ipv4() { 32 } else { 128 };
+        let mut msg = Msg::new(RTM_GETROUTE, 0);
+        msg.header(&rtmsg(family_of(dst), bits, 0, 0, 0, 0));
+        msg.attr(RTA_DST, &ip_bytes(&dst));
+        let mut found = None;
+        let res = self.transact(msg, |ty, payload| {
+            if ty == RTM_NEWROUTE {
+                found = parse_route(payload);
+            }
+        });
+        match res {
+            Ok(()) => Ok(found),
+            Err(e)
+                if matches!(
+                    super::sys::os_error_of(&e),
+                    Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::ESRCH)
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Dumps all routes of one address family (all tables).
     pub(crate) fn routes(&mut self, ipv6: bool) -> io::Result<Vec<Route>> {
         let family = if ipv6 { libc::AF_INET6 } else { libc::AF_INET } as u8;
@@ -621,6 +650,7 @@ fn ext_ack_message(payload: &[u8], flags: u16) -> Option<String> {
 fn parse_link(payload: &[u8]) -> Option<Link> {
     payload.get(..16)?; // ifinfomsg
     let mut link = Link {
+        hw_type: u16_at(payload, 2)?,
         mtu: None,
         xdp: None,
         kind: None,

@@ -45,6 +45,13 @@ fn describe(table: u32, ifindex: u32, dst: IpAddr, prefix_len: u8) -> String {
     }
 }
 
+/// The interface index the kernel routes `dst` out of (`ip route get DST`), or `None`
+/// when it has no route (or a route without a device, such as a blackhole).
+pub fn output_interface(dst: IpAddr) -> io::Result<Option<u32>> {
+    let mut nl = Netlink::open()?;
+    Ok(nl.route_to(dst)?.and_then(|r| r.oif))
+}
+
 /// Adds the main-table route `dst/prefix_len dev <ifindex>`; see [`add_route_in`].
 pub fn add_route(ifindex: u32, dst: IpAddr, prefix_len: u8) -> io::Result<()> {
     add_route_in(RT_TABLE_MAIN, ifindex, dst, prefix_len)

@@ -18,6 +18,16 @@ pub const XSKS_MAP: &str = "XSKS";
 /// Name of the per-CPU counters array, indexed by [`Counter`].
 pub const COUNTERS_MAP: &str = "COUNTERS";
 
+/// The reply-capture program (tc ingress on the interfaces behind which this node's
+/// containers live): a UDP datagram from a container's service endpoint is redirected
+/// into the mesh TUN, where flynode matches it to its flow; everything else goes on.
+pub const REPLY_PROGRAM_NAME: &str = "flynode_reply";
+/// Name of its map: [`ServiceKey`] (container address, UDP source port) → the ifindex of
+/// the TUN to redirect to.
+pub const REPLY_ENDPOINTS_MAP: &str = "REPLY_ENDPOINTS";
+/// A node runs at most this many container endpoints (both families).
+pub const MAX_REPLY_ENDPOINTS: u32 = 8_192;
+
 /// A host serves at most this many (address, port) pairs (its WireGuard endpoints
 /// included).
 pub const MAX_SERVICES: u32 = 16_384;
