@@ -38,7 +38,7 @@ Environment (defaults in brackets):
   BENCH_SECONDS=S       measured seconds per offered rate [1]
   BENCH_WARMUP=S        settling time per offered rate [0.3]
   BENCH_FWD_RATES=LIST  offered rates in Mpps, `max` = unpaced
-                        [0.02,0.04,0.06,0.08,0.1,0.12,0.15,0.2,0.25,0.3,0.5,max]
+                        [0.02,0.04,0.06,0.07,0.08,0.09,0.1,0.11,0.12,0.135,0.15,0.175,0.2,0.225,0.25,0.275,0.3,0.4,0.5,max]
   BENCH_FWD_PAYLOADS=LIST  UDP payload bytes [64,1200]
   BENCH_FWD_FLOWS=N     client ports the generator cycles through [256]
   BENCH_PINGS=N         timed ping-pongs [2000]
@@ -55,7 +55,7 @@ Environment (defaults in brackets):
   FLYNODE_BIN=PATH      the flynode binary [target/release/flynode, built first]
   FLYNODE_XDP_BENCH_BIN=PATH  the benchmark binary [built first]
 
-Takes about 7 minutes on a quiet machine (plus the builds). Installs ethtool (apt) if missing.
+Takes about 10 minutes on a quiet machine (plus the builds). Installs ethtool (apt) if missing.
 EOF
 }
 
