@@ -43,8 +43,8 @@ pub enum CaptureError {
 /// Where a container endpoint's replies are captured.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Placement {
-    /// The tc program on this interface sees them.
-    Interface(String),
+    /// The tc program sees them.
+    Captured,
     /// It cannot (no route, a device without an Ethernet header, attach refused): a
     /// policy rule has to do it. The reason, for the log.
     Rule(String),
@@ -89,9 +89,9 @@ impl ReplyCapture {
             let placement = match self.interface_for(target) {
                 Ok(interface) => match self.attach(&interface) {
                     Ok(()) => {
-                        wanted_links.insert(interface.clone());
                         wanted_keys.insert(ServiceKey::new(addr_key(target.ip()), target.port()));
-                        Placement::Interface(interface)
+                        wanted_links.insert(interface);
+                        Placement::Captured
                     }
                     Err(why) => Placement::Rule(why),
                 },
@@ -106,11 +106,6 @@ impl ReplyCapture {
             }
         }
         placed
-    }
-
-    /// Interfaces the program is attached to.
-    pub fn interfaces(&self) -> impl Iterator<Item = &str> {
-        self.links.keys().map(String::as_str)
     }
 
     /// The interface the kernel routes `target` out of, if the program can work there.
@@ -159,12 +154,12 @@ impl ReplyCapture {
             .ebpf
             .program_mut(REPLY_PROGRAM_NAME)
             .and_then(|p| p.try_into().ok());
-        if let Some(program) = program
-            && let Err(e) = program.detach(id)
-        {
-            tracing::warn!(interface, error = %e, "detaching the reply-capture program failed");
-        } else {
-            tracing::info!(interface, "reply capture detached");
+        match program.map(|p| p.detach(id)) {
+            Some(Ok(())) => tracing::info!(interface, "reply capture detached"),
+            Some(Err(e)) => {
+                tracing::warn!(interface, error = %e, "detaching the reply-capture program failed")
+            }
+            None => tracing::warn!(interface, "the reply-capture program is missing"),
         }
     }
 

@@ -106,16 +106,9 @@ impl HostRoutes {
         })
     }
 
-    /// The interfaces whose ingress the tc program watches.
-    pub fn capture_interfaces(&self) -> Vec<String> {
-        self.capture
-            .as_ref()
-            .map(|c| c.interfaces().map(str::to_owned).collect())
-            .unwrap_or_default()
-    }
-
-    /// Makes the reply rules exactly those of `targets` (this node's container
-    /// endpoints). Errors are logged; the other rules are still applied.
+    /// Captures the replies of `targets` (this node's container endpoints): with the tc
+    /// program where it can, with a rule each elsewhere. Errors are logged; the other
+    /// endpoints are still applied.
     pub fn apply(&mut self, targets: &[SocketAddr]) {
         let ruled: Vec<SocketAddr> = match &mut self.capture {
             None => targets.to_vec(),
@@ -135,11 +128,11 @@ impl HostRoutes {
                 ruled
             }
         };
-        self.apply_rules(targets, &ruled);
+        self.apply_rules(&ruled);
     }
 
     /// Makes the reply rules exactly those of `ruled`.
-    fn apply_rules(&mut self, targets: &[SocketAddr], ruled: &[SocketAddr]) {
+    fn apply_rules(&mut self, ruled: &[SocketAddr]) {
         let wanted: BTreeSet<SourcePortRule> = ruled
             .iter()
             .map(|t| SourcePortRule {
@@ -167,12 +160,14 @@ impl HostRoutes {
                 }
             }
         }
-        if !wanted.is_empty() || (self.capture.is_some() && !targets.is_empty()) {
+        // Only routed replies need the container interfaces to forward; the tc program
+        // hands its replies to the TUN without routing them.
+        if !wanted.is_empty() {
             for (key, family) in [
                 ("net/ipv4/conf/all/forwarding", "IPv4"),
                 ("net/ipv6/conf/all/forwarding", "IPv6"),
             ] {
-                if targets.iter().any(|t| t.is_ipv6() == (family == "IPv6")) && !enabled(key) {
+                if ruled.iter().any(|t| t.is_ipv6() == (family == "IPv6")) && !enabled(key) {
                     tracing::warn!(
                         "{key} is 0: {family} replies from containers are not forwarded unless their interfaces enable forwarding"
                     );

@@ -5,7 +5,7 @@
 
 use std::io;
 
-use super::netlink::Netlink;
+use super::netlink::{Link, Netlink};
 use super::sys::context;
 
 /// How an XDP program is attached (`XDP_ATTACHED_*` in linux/if_link.h).
@@ -51,28 +51,27 @@ pub struct XdpAttachment {
     pub mode: XdpAttachMode,
 }
 
-/// Whether `interface` is an Ethernet device (`ARPHRD_ETHER`: veth, bridges, NICs),
-/// whose frames start with a MAC header.
-pub fn is_ethernet(interface: &str) -> io::Result<bool> {
+/// The link named `interface`; NotFound if there is none.
+fn existing_link(interface: &str) -> io::Result<Link> {
     let mut nl = Netlink::open()?;
-    let link = nl.link_by_name(interface)?.ok_or_else(|| {
+    nl.link_by_name(interface)?.ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::NotFound,
             format!("interface {interface} does not exist"),
         )
-    })?;
+    })
+}
+
+/// Whether `interface` is an Ethernet device (`ARPHRD_ETHER`: veth, bridges, NICs),
+/// whose frames start with a MAC header.
+pub fn is_ethernet(interface: &str) -> io::Result<bool> {
+    let link = existing_link(interface)?;
     Ok(link.hw_type == 1)
 }
 
 /// The XDP program attached to `interface`, if any.
 pub fn xdp_attachment(interface: &str) -> io::Result<Option<XdpAttachment>> {
-    let mut nl = Netlink::open()?;
-    let link = nl.link_by_name(interface)?.ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("interface {interface} does not exist"),
-        )
-    })?;
+    let link = existing_link(interface)?;
     Ok(link.xdp.and_then(|(program_id, attached)| {
         XdpAttachMode::from_attached(attached).map(|mode| XdpAttachment { program_id, mode })
     }))

@@ -563,28 +563,7 @@ impl Netlink {
     /// The type (RTN_LOCAL, RTN_UNICAST, ...) of the route the kernel would use to reach
     /// `dst`; `None` if it has none (unreachable).
     pub(crate) fn route_type_to(&mut self, dst: IpAddr) -> io::Result<Option<u8>> {
-        let bits = if dst.is_ipv4() { 32 } else { 128 };
-        let mut msg = Msg::new(RTM_GETROUTE, 0);
-        msg.header(&rtmsg(family_of(dst), bits, 0, 0, 0, 0));
-        msg.attr(RTA_DST, &ip_bytes(&dst));
-        let mut found = None;
-        let res = self.transact(msg, |ty, payload| {
-            if ty == RTM_NEWROUTE {
-                found = payload.get(7).copied();
-            }
-        });
-        match res {
-            Ok(()) => Ok(found),
-            Err(e)
-                if matches!(
-                    super::sys::os_error_of(&e),
-                    Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::ESRCH)
-                ) =>
-            {
-                Ok(None)
-            }
-            Err(e) => Err(e),
-        }
+        Ok(self.route_to(dst)?.map(|r| r.route_type))
     }
 
     /// The route the kernel would use to reach `dst` (`ip route get`); `None` if it has

@@ -15,6 +15,8 @@
 
 #[cfg(target_arch = "bpf")]
 mod program;
+#[cfg(target_arch = "bpf")]
+mod wire;
 
 // Host builds (`cargo check --workspace`) only need something to link.
 #[cfg(not(target_arch = "bpf"))]

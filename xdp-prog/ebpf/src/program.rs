@@ -19,29 +19,14 @@ static XSKS: XskMap = XskMap::with_max_entries(MAX_QUEUES, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
-const ETH_HLEN: usize = 14;
+use crate::wire::*;
+
 const VLAN_HLEN: usize = 4;
-const ETH_P_IPV4: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
-const IPPROTO_UDP: u8 = 17;
-const IPV6_NEXTHDR_HOP: u8 = 0;
-const IPV6_NEXTHDR_ROUTING: u8 = 43;
-const IPV6_NEXTHDR_FRAGMENT: u8 = 44;
-const IPV6_NEXTHDR_AUTH: u8 = 51;
-const IPV6_NEXTHDR_DEST: u8 = 60;
 const IPV4_HLEN_MIN: usize = 20;
-const IPV6_HLEN: usize = 40;
-const IPV6_FRAG_HLEN: usize = 8;
 const UDP_HLEN: usize = 8;
-/// IPv4 "more fragments" flag and fragment offset mask, in host order of the 16-bit field.
+/// IPv4 "more fragments" flag, in host order of the 16-bit field.
 const IPV4_MF: u16 = 0x2000;
-const IPV4_OFFSET_MASK: u16 = 0x1fff;
-/// Fragment offset mask of the IPv6 fragment header's 16-bit offset/flags field.
-const IPV6_OFFSET_MASK: u16 = 0xfff8;
-/// Upper bound on any offset into the frame: keeps every computed offset a bounded
-/// scalar for the verifier (frames are never longer than 64 KiB).
-const OFFSET_MASK: usize = 0xffff;
 
 #[xdp]
 pub fn flynode_xdp(ctx: XdpContext) -> u32 {

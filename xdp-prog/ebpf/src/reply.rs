@@ -11,16 +11,9 @@ use flynode_xdp_common::{AddrKey, MAX_IPV6_EXT_HEADERS, MAX_REPLY_ENDPOINTS, Ser
 static REPLY_ENDPOINTS: HashMap<ServiceKey, u32> =
     HashMap::with_max_entries(MAX_REPLY_ENDPOINTS, 0);
 
-/// The program is attached only to Ethernet devices (userspace checks), where tc ingress
-/// sees the frame from its MAC header.
-const ETH_HLEN: usize = 14;
-const ETH_P_IPV4: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const IPPROTO_UDP: u8 = 17;
-/// Fragment offset of the IPv4 flags/offset field, host order.
-const IPV4_OFFSET_MASK: u16 = 0x1fff;
-/// Fragment offset of the IPv6 fragment header's 16-bit offset/flags field.
-const IPV6_OFFSET_MASK: u16 = 0xfff8;
+// The program is attached only to Ethernet devices (userspace checks), where tc
+// ingress sees the frame from its MAC header: offsets start at ETH_HLEN.
+use crate::wire::*;
 
 #[classifier]
 pub fn flynode_reply(ctx: TcContext) -> i32 {
@@ -74,27 +67,27 @@ fn ipv6(ctx: &TcContext) -> Option<(AddrKey, u16)> {
     let src: [u8; 16] = ctx.load(ETH_HLEN + 8).ok()?;
     let addr = AddrKey::from_ipv6(src);
     let mut next: u8 = ctx.load(ETH_HLEN + 6).ok()?;
-    let mut offset = ETH_HLEN + 40;
+    let mut offset = ETH_HLEN + IPV6_HLEN;
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         match next {
             IPPROTO_UDP => break,
             // Hop-by-hop, routing, destination options: (length + 1) * 8 bytes.
-            0 | 43 | 60 => {
+            IPV6_NEXTHDR_HOP | IPV6_NEXTHDR_ROUTING | IPV6_NEXTHDR_DEST => {
                 let len: u8 = ctx.load(offset + 1).ok()?;
                 next = ctx.load(offset).ok()?;
                 offset += (usize::from(len) + 1) * 8;
             }
             // Fragment: 8 bytes; only the first fragment carries the UDP header.
-            44 => {
+            IPV6_NEXTHDR_FRAGMENT => {
                 next = ctx.load(offset).ok()?;
                 let frag = u16::from_be(ctx.load::<u16>(offset + 2).ok()?);
                 if frag & IPV6_OFFSET_MASK != 0 {
                     return None;
                 }
-                offset += 8;
+                offset += IPV6_FRAG_HLEN;
             }
             // Authentication header: (length + 2) * 4 bytes.
-            51 => {
+            IPV6_NEXTHDR_AUTH => {
                 let len: u8 = ctx.load(offset + 1).ok()?;
                 next = ctx.load(offset).ok()?;
                 offset += (usize::from(len) + 2) * 4;
@@ -102,7 +95,7 @@ fn ipv6(ctx: &TcContext) -> Option<(AddrKey, u16)> {
             _ => return None,
         }
         // Keeps the offset a bounded scalar for the verifier.
-        offset &= 0xffff;
+        offset &= OFFSET_MASK;
     }
     if next != IPPROTO_UDP {
         return None;

@@ -15,6 +15,8 @@
 
 #[cfg(target_arch = "bpf")]
 mod reply;
+#[cfg(target_arch = "bpf")]
+mod wire;
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}
