@@ -59,6 +59,11 @@ pub struct WireguardConfig {
     /// over IPv6 (80 bytes), so that every encrypted packet fits the underlay.
     #[serde(deserialize_with = "de::mtu")]
     pub mtu: Option<u16>,
+    /// How many packets the kernel may queue in the TUN for the mesh to read (its
+    /// `txqueuelen`). The kernel's 500 overflow whenever a local sender outruns the
+    /// mesh thread for one scheduler slice; see `flynode_tunnel::io::tun::DEFAULT_TX_QUEUE_LEN`.
+    #[serde(deserialize_with = "de::queue_len")]
+    pub tun_queue_len: u32,
     /// After `flynode keys rotate`, how long the previous key keeps working for peers
     /// that have not moved to the new one.
     #[serde(deserialize_with = "de::duration")]
@@ -85,6 +90,7 @@ impl Default for WireguardConfig {
             interface: "flynode0".to_owned(),
             mesh_ipv4: None,
             mtu: None,
+            tun_queue_len: flynode_tunnel::io::tun::DEFAULT_TX_QUEUE_LEN,
             key_grace: Duration::from_secs(600),
             persistent_keepalive: Duration::from_secs(25),
             forward_port: 51821,

@@ -52,6 +52,7 @@ pub fn mesh_config(config: &Config) -> anyhow::Result<MeshConfig> {
             ipv6: config.mesh_address,
             ipv4: config.wireguard.mesh_ipv4,
             offload: std::env::var_os("FLYNODE_TUN_OFFLOAD").is_none_or(|v| v != "0"),
+            tx_queue_len: config.wireguard.tun_queue_len,
         },
         forward_port: config.wireguard.forward_port,
     })

@@ -35,7 +35,9 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use x25519_dalek::StaticSecret;
 
-use crate::core::{Core, Decap, Drop, Encap, Peer, PeerConfig, PeersDiff};
+use crate::core::{
+    Core, DATA_OVERHEAD, Decap, Drop, Encap, MIN_OUT_BUF, Peer, PeerConfig, PeersDiff,
+};
 use crate::io::route;
 use crate::io::tun::{TunConfig, TunDevice, TunSendBatch};
 use crate::io::udp::{RecvBatch, SendBatch, UdpSocket};
@@ -74,8 +76,6 @@ pub struct Port<'a> {
     shared: &'a Shared,
     tun: &'a mut TunSendBatch,
     udp: &'a mut SendBatch,
-    /// Scratch for encryption.
-    enc: &'a mut [u8],
 }
 
 impl Port<'_> {
@@ -116,35 +116,55 @@ impl Port<'_> {
     /// Encrypts an inner IP packet for the peer that owns its destination address and
     /// queues it for the network.
     pub fn to_mesh(&mut self, packet: &[u8]) -> Result<(), Drop> {
-        let encap = self.shared.core.encapsulate(packet, self.enc);
-        self.queue(encap)
+        let core = &self.shared.core;
+        self.encrypt_into_batch(packet, |p, out| core.encapsulate(p, out))
     }
 
     /// Encrypts an inner IP packet for `peer` and queues it for the network.
     pub fn to_peer(&mut self, peer: &Peer, packet: &[u8]) -> Result<(), Drop> {
-        let encap = self.shared.core.encapsulate_for(peer, packet, self.enc);
-        self.queue(encap)
+        let core = &self.shared.core;
+        self.encrypt_into_batch(packet, |p, out| core.encapsulate_for(peer, p, out))
+    }
+
+    fn encrypt_into_batch(
+        &mut self,
+        packet: &[u8],
+        encap: impl FnOnce(&[u8], &mut [u8]) -> Encap,
+    ) -> Result<(), Drop> {
+        if self.udp.is_full() {
+            self.shared.send(self.udp);
+        }
+        encrypt_into(self.udp, packet, encap)
     }
 
     /// The mesh's core (peer lookups).
     pub fn core(&self) -> &Core {
         &self.shared.core
     }
+}
 
-    fn queue(&mut self, encap: Encap) -> Result<(), Drop> {
-        match encap {
-            Encap::Send { dst, len } => {
-                if self.udp.is_full() {
-                    self.shared.send(self.udp);
-                }
-                self.udp.push(dst, &self.enc[..len]);
-                Ok(())
-            }
-            Encap::Queued => Ok(()),
-            Encap::Dropped(d) => Err(d),
+/// Encrypts `packet` straight into a reservation in `batch` (the ciphertext is written
+/// once, where `sendmmsg` reads it) and commits it to the destination the encryption
+/// chose. A packet queued behind a handshake, or dropped, leaves the batch as it was.
+fn encrypt_into(
+    batch: &mut SendBatch,
+    packet: &[u8],
+    encap: impl FnOnce(&[u8], &mut [u8]) -> Encap,
+) -> Result<(), Drop> {
+    let room = (packet.len() + DATA_OVERHEAD).max(MIN_OUT_BUF);
+    let slot = batch.reserve(UNROUTED, room);
+    match encap(packet, slot) {
+        Encap::Send { dst, len } => {
+            batch.commit_to(dst, len);
+            Ok(())
         }
+        Encap::Queued => Ok(()),
+        Encap::Dropped(d) => Err(d),
     }
 }
+
+/// Placeholder destination of a reservation whose peer the encryption decides.
+const UNROUTED: SocketAddr = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0);
 
 /// Counters of the driver (the core counts protocol drops itself).
 #[derive(Debug, Default)]
@@ -410,7 +430,6 @@ impl Shared {
     fn tx_loop(&self) {
         let mut tun_batch = self.tun.new_recv_batch(128);
         let mut out_batch = SendBatch::new(128);
-        let mut out = vec![0u8; BUF];
         // Output of the forwarder (replies it sends back into the TUN, e.g. ICMP).
         let mut tun_out = self.tun.new_send_batch(64);
         while !self.stop.load(Relaxed) {
@@ -421,29 +440,32 @@ impl Shared {
             let mut unrouted = 0u64;
             for packet in tun_batch.iter() {
                 n += 1;
-                let encap = match (
-                    &self.forwarder,
-                    self.core.encapsulate_routed(packet, &mut out),
-                ) {
-                    (_, Some(encap)) => encap,
-                    (Some(forwarder), None) => {
+                if out_batch.is_full() {
+                    self.send(&mut out_batch);
+                }
+                let mut routed = true;
+                let _ = encrypt_into(&mut out_batch, packet, |p, out| {
+                    self.core.encapsulate_routed(p, out).unwrap_or_else(|| {
+                        routed = false;
+                        Encap::Queued
+                    })
+                });
+                if routed {
+                    continue;
+                }
+                match &self.forwarder {
+                    Some(forwarder) => {
                         unrouted += 1;
                         let mut port = Port {
                             shared: self,
                             tun: &mut tun_out,
                             udp: &mut out_batch,
-                            enc: &mut out,
                         };
                         forwarder.unrouted(packet, &mut port);
-                        continue;
                     }
-                    (None, None) => self.core.no_route(),
-                };
-                if let Encap::Send { dst, len } = encap {
-                    if out_batch.is_full() {
-                        self.send(&mut out_batch);
+                    None => {
+                        self.core.no_route();
                     }
-                    out_batch.push(dst, &out[..len]);
                 }
             }
             self.counters.tun_rx_packets.fetch_add(n, Relaxed);
@@ -511,8 +533,6 @@ pub struct MeshReceiver {
     tun_batch: TunSendBatch,
     replies: SendBatch,
     out: Vec<u8>,
-    /// Scratch for what the forwarder encrypts.
-    enc: Vec<u8>,
     datagrams: u64,
 }
 
@@ -523,7 +543,6 @@ impl MeshReceiver {
             shared,
             replies: SendBatch::new(64),
             out: vec![0u8; BUF],
-            enc: vec![0u8; BUF],
             datagrams: 0,
         }
     }
@@ -535,7 +554,6 @@ impl MeshReceiver {
             shared: &self.shared,
             tun: &mut self.tun_batch,
             udp: &mut self.replies,
-            enc: &mut self.enc,
         }
     }
 
@@ -564,7 +582,6 @@ impl MeshReceiver {
                     shared,
                     tun: &mut self.tun_batch,
                     udp: &mut self.replies,
-                    enc: &mut self.enc,
                 };
                 forwarder.inbound(&peer, packet, &mut port);
             }

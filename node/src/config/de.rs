@@ -208,6 +208,16 @@ pub(crate) fn mtu<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Err
     u16::try_from(v).map(Some).map_err(de::Error::custom)
 }
 
+/// A queue length in packets (a TUN's `txqueuelen`).
+pub(crate) fn queue_len<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let v = int_in(
+        d,
+        "a queue length in packets (16..=1000000)",
+        16..=1_000_000,
+    )?;
+    u32::try_from(v).map_err(de::Error::custom)
+}
+
 /// An absolute path: the daemon runs with `/` as its working directory, so a relative
 /// path would silently mean something other than what the operator saw in their shell.
 pub(crate) fn abs_path<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {

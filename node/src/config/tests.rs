@@ -15,6 +15,7 @@ control_socket = "/run/fn.sock"
 
 [wireguard]
 listen_port = 51821
+tun_queue_len = 8192
 
 [xdp]
 interface = "enp1s0f0"
@@ -64,6 +65,7 @@ fn full_config_parses_every_field() {
     assert_eq!(config.key_dir, PathBuf::from("/srv/flynode/keys"));
     assert_eq!(config.control_socket, PathBuf::from("/run/fn.sock"));
     assert_eq!(config.wireguard.listen_port, 51821);
+    assert_eq!(config.wireguard.tun_queue_len, 8192);
     assert_eq!(config.xdp.interface, "enp1s0f0");
     assert_eq!(config.xdp.mode, XdpMode::Native);
     assert_eq!(config.xdp.backend, crate::ingress::BackendChoice::Socket);
@@ -98,6 +100,7 @@ fn minimal_config_gets_documented_defaults() {
         PathBuf::from("/run/flynode/control.sock")
     );
     assert_eq!(config.wireguard.listen_port, 51820);
+    assert_eq!(config.wireguard.tun_queue_len, 4096);
     assert_eq!(config.xdp.mode, XdpMode::Auto);
     assert_eq!(config.xdp.backend, crate::ingress::BackendChoice::Auto);
     assert_eq!(
@@ -252,6 +255,10 @@ fn out_of_range_port_is_rejected() {
     assert_eq!(
         err(&format!("{MINIMAL}[metrics]\nlisten = \"127.0.0.1:0\"\n")),
         "/etc/flynode/flynode.toml:7:10: metrics.listen: port 0 is not allowed in 127.0.0.1:0"
+    );
+    assert_eq!(
+        err(&format!("{MINIMAL}[wireguard]\ntun_queue_len = 0\n")),
+        "/etc/flynode/flynode.toml:7:17: wireguard.tun_queue_len: invalid value: integer `0`, expected a queue length in packets (16..=1000000)"
     );
 }
 

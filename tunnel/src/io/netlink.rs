@@ -49,6 +49,7 @@ pub(crate) const RTM_GETRULE: u16 = 34;
 
 const IFLA_IFNAME: u16 = 3;
 const IFLA_MTU: u16 = 4;
+const IFLA_TXQLEN: u16 = 13;
 const IFLA_LINKINFO: u16 = 18;
 const IFLA_GSO_MAX_SEGS: u16 = 40;
 const IFLA_XDP: u16 = 43;
@@ -486,6 +487,15 @@ impl Netlink {
         let mut msg = Msg::new(RTM_NEWLINK, 0);
         msg.header(&ifinfomsg(libc::AF_UNSPEC as u8, index, 0, 0));
         msg.attr(IFLA_XDP | NLA_F_NESTED, &nested.buf);
+        self.transact(msg, |_, _| {})
+    }
+
+    /// Sets the length of a link's transmit queue (`ip link set X txqueuelen N`): for a
+    /// TUN, the ring between the kernel's senders and the reading process.
+    pub(crate) fn set_tx_queue_len(&mut self, index: u32, len: u32) -> io::Result<()> {
+        let mut msg = Msg::new(RTM_NEWLINK, 0);
+        msg.header(&ifinfomsg(libc::AF_UNSPEC as u8, index, 0, 0));
+        msg.attr_u32(IFLA_TXQLEN, len);
         self.transact(msg, |_, _| {})
     }
 

@@ -162,6 +162,7 @@ mod tests {
                 ipv6: "fd00::1".parse().unwrap(),
                 ipv4: Some("198.18.0.1".parse().unwrap()),
                 offload: false,
+                tx_queue_len: 0,
             })
             .expect("create TUN");
             let idx = dev.ifindex();
@@ -211,6 +212,7 @@ mod tests {
                 ipv6: "fd00::1".parse().unwrap(),
                 ipv4: Some("198.18.0.1".parse().unwrap()),
                 offload: false,
+                tx_queue_len: 0,
             })
             .expect("create TUN");
             let idx = dev.ifindex();

@@ -847,6 +847,19 @@ impl SendBatch {
         self.used += len;
     }
 
+    /// As [`commit`](Self::commit), to `dst` instead of the destination given to
+    /// `reserve` (for callers that learn it while filling the reservation, e.g. from
+    /// the encryption that decides the peer's endpoint).
+    ///
+    /// # Panics
+    /// As `commit`.
+    pub fn commit_to(&mut self, dst: SocketAddr, len: usize) {
+        if let Some((reserved_dst, _)) = &mut self.reserved {
+            *reserved_dst = dst;
+        }
+        self.commit(len);
+    }
+
     /// Copies one datagram into the batch. A payload larger than [`MAX_DATAGRAM`] cannot
     /// be a UDP datagram: it is not added, and is counted in [`SendStats::dropped`] (with
     /// `EMSGSIZE`) by the next send.
@@ -1165,6 +1178,7 @@ mod tests {
                 ipv6: "fd00::1".parse().unwrap(),
                 ipv4: Some("198.18.0.1".parse().unwrap()),
                 offload: false,
+                tx_queue_len: 0,
             })
             .unwrap();
             crate::io::route::add_route(dev.ifindex(), "198.19.2.0".parse().unwrap(), 24).unwrap();

@@ -34,6 +34,37 @@ impl Mapping {
         Mapping::from_mmap(ptr, len, step)
     }
 
+    /// `len` bytes of private anonymous memory, zero-filled, aligned to 2 MiB and marked
+    /// for transparent huge pages (`MADV_HUGEPAGE`), for the UMEM. A consumer walks its
+    /// frames in ring order, thousands of 4 KiB pages, one TLB miss per frame; with huge
+    /// pages a whole 8 MiB UMEM is four TLB entries. Where THP is off (`never`) the
+    /// advice is refused or ignored and the memory is ordinary pages: same behaviour,
+    /// no error.
+    pub(crate) fn anonymous_huge(len: usize, step: &str) -> io::Result<Mapping> {
+        const HUGE: usize = 2 << 20;
+        if len < HUGE {
+            return Mapping::anonymous(len, step);
+        }
+        let raw = Mapping::anonymous(len + HUGE, step)?;
+        let base = raw.as_ptr() as usize;
+        let aligned = base.next_multiple_of(HUGE);
+        let (head, tail) = (aligned - base, base + len + HUGE - (aligned + len));
+        std::mem::forget(raw);
+        // SAFETY: [base, base + len + HUGE) is the mapping just made, now owned here
+        // alone (forgotten above); we unmap its unaligned head and tail, keep
+        // [aligned, aligned + len), and advise only that range.
+        unsafe {
+            if head > 0 {
+                libc::munmap(base as *mut libc::c_void, head);
+            }
+            if tail > 0 {
+                libc::munmap((aligned + len) as *mut libc::c_void, tail);
+            }
+            libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
+        }
+        Mapping::from_mmap(aligned as *mut libc::c_void, len, step)
+    }
+
     /// `len` bytes of the object behind `fd` at page offset `offset`, shared and
     /// pre-faulted (an AF_XDP ring: `XDP_PGOFF_RX_RING`, `XDP_UMEM_PGOFF_FILL_RING`, ...).
     pub(crate) fn shared(

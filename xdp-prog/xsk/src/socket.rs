@@ -167,7 +167,7 @@ impl XskSocket {
         // SAFETY: `raw` is a new fd that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
 
-        let umem = Mapping::anonymous(umem_len, "UMEM")?;
+        let umem = Mapping::anonymous_huge(umem_len, "UMEM")?;
         let reg = libc::xdp_umem_reg {
             addr: umem.as_ptr() as u64,
             len: umem_len as u64,
