@@ -21,7 +21,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use boringtun::noise::errors::WireGuardError;
@@ -376,7 +376,6 @@ pub struct Core {
     /// when a handshake arrives for a key pair that has no slot yet).
     control: Mutex<()>,
     next_index: AtomicU32,
-    started: Instant,
     retire_idle_ms: AtomicU64,
     pub counters: CoreCounters,
 }
@@ -393,7 +392,6 @@ impl Core {
             }),
             control: Mutex::new(()),
             next_index: AtomicU32::new(u32::from_le_bytes(seed) & 0x00ff_ffff),
-            started: Instant::now(),
             retire_idle_ms: AtomicU64::new(RETIRE_IDLE.as_millis() as u64),
             counters: CoreCounters::default(),
         }
@@ -414,7 +412,7 @@ impl Core {
     }
 
     fn now_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
+        crate::clock::coarse_ms()
     }
 
     /// Allocates a fresh 24-bit session index not in `used`, and marks it used.

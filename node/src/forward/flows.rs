@@ -58,8 +58,7 @@
 use std::fmt;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use foldhash::fast::RandomState;
 use hashbrown::HashTable;
@@ -158,7 +157,7 @@ pub fn flow_key_octets(key: &FlowKey) -> [u8; 36] {
     out
 }
 
-/// A coarse clock for flow tables: milliseconds since the process started, wrapping.
+/// A coarse clock for flow tables: milliseconds of the monotonic clock, wrapping.
 ///
 /// Stored as a `u32` so an entry spends 4 bytes on it; see the module docs for how
 /// wrap-around is handled. Take one with [`Tick::now`] per batch of datagrams.
@@ -170,12 +169,11 @@ pub struct Tick(u32);
 const MAX_AGE_MS: u32 = i32::MAX as u32;
 
 impl Tick {
-    /// The current time, from the monotonic clock.
+    /// The current time, from the monotonic clock as of its last tick (1-4 ms old;
+    /// see [`flynode_tunnel::clock`]: it is read per datagram).
     pub fn now() -> Tick {
-        static START: OnceLock<Instant> = OnceLock::new();
-        let start = *START.get_or_init(Instant::now);
         // Truncation is the wrap-around the comparisons are built for.
-        Tick(start.elapsed().as_millis() as u32)
+        Tick(flynode_tunnel::clock::coarse_ms() as u32)
     }
 
     /// The tick `ms` milliseconds after the (arbitrary) origin, wrapping at 2^32.
