@@ -117,49 +117,24 @@ impl Port<'_> {
     /// queues it for the network.
     pub fn to_mesh(&mut self, packet: &[u8]) -> Result<(), Drop> {
         let core = &self.shared.core;
-        self.encrypt_into_batch(packet, |p, out| core.encapsulate(p, out))
+        let sent = self
+            .shared
+            .encrypt_into(self.udp, packet, |p, out| Some(core.encapsulate(p, out)));
+        sent.unwrap_or(Ok(())) // `encapsulate` counts a packet no peer owns itself
     }
 
     /// Encrypts an inner IP packet for `peer` and queues it for the network.
     pub fn to_peer(&mut self, peer: &Peer, packet: &[u8]) -> Result<(), Drop> {
         let core = &self.shared.core;
-        self.encrypt_into_batch(packet, |p, out| core.encapsulate_for(peer, p, out))
-    }
-
-    fn encrypt_into_batch(
-        &mut self,
-        packet: &[u8],
-        encap: impl FnOnce(&[u8], &mut [u8]) -> Encap,
-    ) -> Result<(), Drop> {
-        if self.udp.is_full() {
-            self.shared.send(self.udp);
-        }
-        encrypt_into(self.udp, packet, encap)
+        let sent = self.shared.encrypt_into(self.udp, packet, |p, out| {
+            Some(core.encapsulate_for(peer, p, out))
+        });
+        sent.unwrap_or(Ok(())) // always `Some`: the peer is given
     }
 
     /// The mesh's core (peer lookups).
     pub fn core(&self) -> &Core {
         &self.shared.core
-    }
-}
-
-/// Encrypts `packet` straight into a reservation in `batch` (the ciphertext is written
-/// once, where `sendmmsg` reads it) and commits it to the destination the encryption
-/// chose. A packet queued behind a handshake, or dropped, leaves the batch as it was.
-fn encrypt_into(
-    batch: &mut SendBatch,
-    packet: &[u8],
-    encap: impl FnOnce(&[u8], &mut [u8]) -> Encap,
-) -> Result<(), Drop> {
-    let room = (packet.len() + DATA_OVERHEAD).max(MIN_OUT_BUF);
-    let slot = batch.reserve(UNROUTED, room);
-    match encap(packet, slot) {
-        Encap::Send { dst, len } => {
-            batch.commit_to(dst, len);
-            Ok(())
-        }
-        Encap::Queued => Ok(()),
-        Encap::Dropped(d) => Err(d),
     }
 }
 
@@ -391,6 +366,32 @@ fn host_prefix(addr: IpAddr) -> u8 {
 }
 
 impl Shared {
+    /// Encrypts `packet` straight into a reservation in `batch` (the ciphertext is
+    /// written once, where `sendmmsg` reads it; a full batch is sent first) and commits
+    /// it to the destination the encryption chose. `encap` returns `None` when no peer
+    /// owns the packet, and so does this; a packet queued behind a handshake, or
+    /// dropped, leaves the batch as it was.
+    fn encrypt_into(
+        &self,
+        batch: &mut SendBatch,
+        packet: &[u8],
+        encap: impl FnOnce(&[u8], &mut [u8]) -> Option<Encap>,
+    ) -> Option<Result<(), Drop>> {
+        if batch.is_full() {
+            self.send(batch);
+        }
+        let room = (packet.len() + DATA_OVERHEAD).max(MIN_OUT_BUF);
+        let slot = batch.reserve(UNROUTED, room);
+        Some(match encap(packet, slot)? {
+            Encap::Send { dst, len } => {
+                batch.commit_to(dst, len);
+                Ok(())
+            }
+            Encap::Queued => Ok(()),
+            Encap::Dropped(d) => Err(d),
+        })
+    }
+
     fn send(&self, batch: &mut SendBatch) {
         if batch.is_empty() {
             return;
@@ -440,17 +441,10 @@ impl Shared {
             let mut unrouted = 0u64;
             for packet in tun_batch.iter() {
                 n += 1;
-                if out_batch.is_full() {
-                    self.send(&mut out_batch);
-                }
-                let mut routed = true;
-                let _ = encrypt_into(&mut out_batch, packet, |p, out| {
-                    self.core.encapsulate_routed(p, out).unwrap_or_else(|| {
-                        routed = false;
-                        Encap::Queued
-                    })
+                let routed = self.encrypt_into(&mut out_batch, packet, |p, out| {
+                    self.core.encapsulate_routed(p, out)
                 });
-                if routed {
+                if routed.is_some() {
                     continue;
                 }
                 match &self.forwarder {
