@@ -51,6 +51,7 @@ RUNS=${BENCH_RUNS:-3}
 SECS=${BENCH_SECONDS:-5}
 ONLY=${BENCH_ONLY:-plain,boringtun,wggo,flynode}
 OUT=${BENCH_OUT:-}
+RPS=${BENCH_RPS:-0}
 CPU_A=0 # host A: edge side
 CPU_B=1 # host B: worker side
 ALL_VARIANTS=(plain boringtun wggo flynode)
@@ -62,6 +63,7 @@ log() { printf '%s\n' "$*" >&7; }
 die() { printf 'bench/tunnel.sh: %s\n' "$*" >&7; exit 1; }
 
 [[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "BENCH_RUNS must be a positive integer, not '$RUNS'"
+[[ $RPS == 0 || $RPS == 1 ]] || die "BENCH_RPS must be 0 or 1, not '$RPS'"
 [[ $SECS =~ ^[1-9][0-9]*$ ]] || die "BENCH_SECONDS must be a positive integer, not '$SECS'"
 VARIANTS=()
 IFS=',' read -r -a _only <<<"$ONLY"
@@ -239,6 +241,8 @@ DAEMON_BUDGET=$((RUNS * (3 * (SECS + 30) + 15) + 120))
 IPERF_PORT=5201
 
 # --- topology ------------------------------------------------------------------------
+cpu_mask() { printf '%x' $((1 << $1)); }
+
 underlay_up() {
   netns_down
   ip netns add "$NS_A"
@@ -254,6 +258,11 @@ underlay_up() {
   ip -n "$NS_B" addr add 198.18.1.2/24 dev veth-b
   ip -n "$NS_A" link set veth-a up
   ip -n "$NS_B" link set veth-b up
+  if [[ $RPS == 1 ]]; then
+    # Each host's receive work on its own CPU (see usage: BENCH_RPS).
+    ip netns exec "$NS_A" sh -c "echo $(cpu_mask "$CPU_A") >/sys/class/net/veth-a/queues/rx-0/rps_cpus"
+    ip netns exec "$NS_B" sh -c "echo $(cpu_mask "$CPU_B") >/sys/class/net/veth-b/queues/rx-0/rps_cpus"
+  fi
   local i
   for ((i = 0; i < 30; i++)); do
     ip netns exec "$NS_A" ping -c 1 -W 1 -q 198.18.1.2 >/dev/null 2>&1 && return 0

@@ -64,6 +64,14 @@ pub struct WireguardConfig {
     /// mesh thread for one scheduler slice; see `flynode_tunnel::io::tun::DEFAULT_TX_QUEUE_LEN`.
     #[serde(deserialize_with = "de::queue_len")]
     pub tun_queue_len: u32,
+    /// How the kernel schedules the mesh's data-path threads (`mesh-tx`, `mesh-rx`):
+    /// `batch` (SCHED_BATCH: no preemption at every wakeup, so each wakeup moves a
+    /// batch) or `normal`. See `flynode_tunnel::sched`.
+    pub data_path_sched: SchedPolicy,
+    /// Their nice value (-20..=19). Below 0 gives the data path a larger CPU share than
+    /// local senders that share its CPU, so what they send is not dropped at the TUN.
+    #[serde(deserialize_with = "de::nice")]
+    pub data_path_nice: i8,
     /// After `flynode keys rotate`, how long the previous key keeps working for peers
     /// that have not moved to the new one.
     #[serde(deserialize_with = "de::duration")]
@@ -91,6 +99,8 @@ impl Default for WireguardConfig {
             mesh_ipv4: None,
             mtu: None,
             tun_queue_len: flynode_tunnel::io::tun::DEFAULT_TX_QUEUE_LEN,
+            data_path_sched: SchedPolicy::Batch,
+            data_path_nice: flynode_tunnel::sched::ThreadPolicy::DATA_PATH.nice,
             key_grace: Duration::from_secs(600),
             persistent_keepalive: Duration::from_secs(25),
             forward_port: 51821,
@@ -111,6 +121,26 @@ pub struct XdpConfig {
     /// How selected datagrams reach flynode: AF_XDP sockets or ordinary UDP sockets.
     #[serde(default)]
     pub backend: crate::ingress::BackendChoice,
+}
+
+/// The scheduling policy of the mesh's data-path threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SchedPolicy {
+    /// `SCHED_BATCH`.
+    Batch,
+    /// `SCHED_OTHER`, the kernel's default.
+    Normal,
+}
+
+impl WireguardConfig {
+    /// The scheduling of the data-path threads.
+    pub fn data_path(&self) -> flynode_tunnel::sched::ThreadPolicy {
+        flynode_tunnel::sched::ThreadPolicy {
+            batch: self.data_path_sched == SchedPolicy::Batch,
+            nice: self.data_path_nice,
+        }
+    }
 }
 
 /// How the XDP program is attached.

@@ -55,6 +55,7 @@ pub fn mesh_config(config: &Config) -> anyhow::Result<MeshConfig> {
             tx_queue_len: config.wireguard.tun_queue_len,
         },
         forward_port: config.wireguard.forward_port,
+        data_path: config.wireguard.data_path(),
     })
 }
 

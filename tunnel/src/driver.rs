@@ -41,6 +41,7 @@ use crate::core::{
 use crate::io::route;
 use crate::io::tun::{TunConfig, TunDevice, TunSendBatch};
 use crate::io::udp::{RecvBatch, SendBatch, UdpSocket};
+use crate::sched::ThreadPolicy;
 
 /// Room for any message we build: a 64 KiB inner packet plus overhead.
 const BUF: usize = 65536 + 64;
@@ -55,6 +56,8 @@ pub struct MeshConfig {
     pub tun: TunConfig,
     /// Inner UDP port on our mesh address whose packets go to the [`Forwarder`].
     pub forward_port: u16,
+    /// Scheduling of `mesh-tx` and `mesh-rx` (see [`crate::sched`]).
+    pub data_path: ThreadPolicy,
 }
 
 /// The forwarding layer's hooks into the mesh's data path. Both run on the mesh's own
@@ -211,17 +214,27 @@ impl Mesh {
             },
             forwarder,
         });
-        let spawn = |name: &str, f: ThreadBody| {
+        let spawn = |name: &str, policy: Option<ThreadPolicy>, f: ThreadBody| {
             let shared = Arc::clone(&shared);
+            let thread = name.to_owned();
             std::thread::Builder::new()
                 .name(name.to_owned())
-                .spawn(move || f(&shared))
+                .spawn(move || {
+                    if let Some(policy) = policy
+                        && let Err(e) = policy.apply_to_current_thread()
+                    {
+                        // Still correct, only slower when senders share the CPU.
+                        tracing::warn!(thread, "data-path scheduling not applied: {e}");
+                    }
+                    f(&shared)
+                })
                 .map_err(|e| io::Error::new(e.kind(), format!("starting thread {name}: {e}")))
         };
+        let data = Some(config.data_path);
         let threads = vec![
-            spawn("mesh-tx", Box::new(|s| s.tx_loop()))?,
-            spawn("mesh-rx", Box::new(Shared::rx_loop))?,
-            spawn("mesh-timers", Box::new(|s| s.timer_loop()))?,
+            spawn("mesh-tx", data, Box::new(|s| s.tx_loop()))?,
+            spawn("mesh-rx", data, Box::new(Shared::rx_loop))?,
+            spawn("mesh-timers", None, Box::new(|s| s.timer_loop()))?,
         ];
         Ok(Mesh {
             shared,

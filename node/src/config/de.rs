@@ -218,6 +218,12 @@ pub(crate) fn queue_len<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error
     u32::try_from(v).map_err(de::Error::custom)
 }
 
+/// A nice value.
+pub(crate) fn nice<'de, D: Deserializer<'de>>(d: D) -> Result<i8, D::Error> {
+    let v = int_in(d, "a nice value (-20..=19)", -20..=19)?;
+    i8::try_from(v).map_err(de::Error::custom)
+}
+
 /// An absolute path: the daemon runs with `/` as its working directory, so a relative
 /// path would silently mean something other than what the operator saw in their shell.
 pub(crate) fn abs_path<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {

@@ -16,6 +16,8 @@ control_socket = "/run/fn.sock"
 [wireguard]
 listen_port = 51821
 tun_queue_len = 8192
+data_path_sched = "normal"
+data_path_nice = 3
 
 [xdp]
 interface = "enp1s0f0"
@@ -66,6 +68,13 @@ fn full_config_parses_every_field() {
     assert_eq!(config.control_socket, PathBuf::from("/run/fn.sock"));
     assert_eq!(config.wireguard.listen_port, 51821);
     assert_eq!(config.wireguard.tun_queue_len, 8192);
+    assert_eq!(
+        config.wireguard.data_path(),
+        flynode_tunnel::sched::ThreadPolicy {
+            batch: false,
+            nice: 3
+        }
+    );
     assert_eq!(config.xdp.interface, "enp1s0f0");
     assert_eq!(config.xdp.mode, XdpMode::Native);
     assert_eq!(config.xdp.backend, crate::ingress::BackendChoice::Socket);
@@ -101,6 +110,10 @@ fn minimal_config_gets_documented_defaults() {
     );
     assert_eq!(config.wireguard.listen_port, 51820);
     assert_eq!(config.wireguard.tun_queue_len, 4096);
+    assert_eq!(
+        config.wireguard.data_path(),
+        flynode_tunnel::sched::ThreadPolicy::DATA_PATH
+    );
     assert_eq!(config.xdp.mode, XdpMode::Auto);
     assert_eq!(config.xdp.backend, crate::ingress::BackendChoice::Auto);
     assert_eq!(
@@ -259,6 +272,14 @@ fn out_of_range_port_is_rejected() {
     assert_eq!(
         err(&format!("{MINIMAL}[wireguard]\ntun_queue_len = 0\n")),
         "/etc/flynode/flynode.toml:7:17: wireguard.tun_queue_len: invalid value: integer `0`, expected a queue length in packets (16..=1000000)"
+    );
+    assert_eq!(
+        err(&format!("{MINIMAL}[wireguard]\ndata_path_nice = -21\n")),
+        "/etc/flynode/flynode.toml:7:18: wireguard.data_path_nice: invalid value: integer `-21`, expected a nice value (-20..=19)"
+    );
+    assert!(
+        err(&format!("{MINIMAL}[wireguard]\ndata_path_sched = \"fifo\"\n"))
+            .contains("unknown variant `fifo`, expected `batch` or `normal`")
     );
 }
 
