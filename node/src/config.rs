@@ -19,6 +19,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use flynode_tunnel::sched::ThreadPolicy;
 use serde::Deserialize;
 
 pub use names::{InvalidName, NodeId, Region};
@@ -68,10 +69,11 @@ pub struct WireguardConfig {
     /// `batch` (SCHED_BATCH: no preemption at every wakeup, so each wakeup moves a
     /// batch) or `normal`. See `flynode_tunnel::sched`.
     pub data_path_sched: SchedPolicy,
-    /// Their nice value (-20..=19). Below 0 gives the data path a larger CPU share than
-    /// local senders that share its CPU, so what they send is not dropped at the TUN.
+    /// The nice value of `mesh-tx` (-20..=19). Below 0 gives it a larger CPU share
+    /// than the local senders it drains, so what they send is not dropped at the TUN.
+    /// `mesh-rx` stays at 0: the local receivers it feeds must not be starved.
     #[serde(deserialize_with = "de::nice")]
-    pub data_path_nice: i8,
+    pub tx_nice: i8,
     /// After `flynode keys rotate`, how long the previous key keeps working for peers
     /// that have not moved to the new one.
     #[serde(deserialize_with = "de::duration")]
@@ -100,7 +102,7 @@ impl Default for WireguardConfig {
             mtu: None,
             tun_queue_len: flynode_tunnel::io::tun::DEFAULT_TX_QUEUE_LEN,
             data_path_sched: SchedPolicy::Batch,
-            data_path_nice: flynode_tunnel::sched::ThreadPolicy::DATA_PATH.nice,
+            tx_nice: flynode_tunnel::sched::ThreadPolicy::MESH_TX.nice,
             key_grace: Duration::from_secs(600),
             persistent_keepalive: Duration::from_secs(25),
             forward_port: 51821,
@@ -134,12 +136,16 @@ pub enum SchedPolicy {
 }
 
 impl WireguardConfig {
-    /// The scheduling of the data-path threads.
-    pub fn data_path(&self) -> flynode_tunnel::sched::ThreadPolicy {
-        flynode_tunnel::sched::ThreadPolicy {
-            batch: self.data_path_sched == SchedPolicy::Batch,
-            nice: self.data_path_nice,
-        }
+    /// The scheduling of `mesh-tx` and `mesh-rx`.
+    pub fn data_path(&self) -> (ThreadPolicy, ThreadPolicy) {
+        let batch = self.data_path_sched == SchedPolicy::Batch;
+        (
+            ThreadPolicy {
+                batch,
+                nice: self.tx_nice,
+            },
+            ThreadPolicy { batch, nice: 0 },
+        )
     }
 }
 

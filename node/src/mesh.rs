@@ -43,6 +43,7 @@ pub fn tunnel_mtu(config: &Config) -> anyhow::Result<u16> {
 }
 
 pub fn mesh_config(config: &Config) -> anyhow::Result<MeshConfig> {
+    let (tx_policy, rx_policy) = config.wireguard.data_path();
     Ok(MeshConfig {
         listen: SocketAddr::from((Ipv6Addr::UNSPECIFIED, config.wireguard.listen_port)),
         socket_buffer: SOCKET_BUFFER,
@@ -55,7 +56,8 @@ pub fn mesh_config(config: &Config) -> anyhow::Result<MeshConfig> {
             tx_queue_len: config.wireguard.tun_queue_len,
         },
         forward_port: config.wireguard.forward_port,
-        data_path: config.wireguard.data_path(),
+        tx_policy,
+        rx_policy,
     })
 }
 

@@ -56,8 +56,10 @@ pub struct MeshConfig {
     pub tun: TunConfig,
     /// Inner UDP port on our mesh address whose packets go to the [`Forwarder`].
     pub forward_port: u16,
-    /// Scheduling of `mesh-tx` and `mesh-rx` (see [`crate::sched`]).
-    pub data_path: ThreadPolicy,
+    /// Scheduling of `mesh-tx` (see [`crate::sched`]).
+    pub tx_policy: ThreadPolicy,
+    /// Scheduling of `mesh-rx`.
+    pub rx_policy: ThreadPolicy,
 }
 
 /// The forwarding layer's hooks into the mesh's data path. Both run on the mesh's own
@@ -230,10 +232,9 @@ impl Mesh {
                 })
                 .map_err(|e| io::Error::new(e.kind(), format!("starting thread {name}: {e}")))
         };
-        let data = Some(config.data_path);
         let threads = vec![
-            spawn("mesh-tx", data, Box::new(|s| s.tx_loop()))?,
-            spawn("mesh-rx", data, Box::new(Shared::rx_loop))?,
+            spawn("mesh-tx", Some(config.tx_policy), Box::new(|s| s.tx_loop()))?,
+            spawn("mesh-rx", Some(config.rx_policy), Box::new(Shared::rx_loop))?,
             spawn("mesh-timers", None, Box::new(|s| s.timer_loop()))?,
         ];
         Ok(Mesh {

@@ -17,7 +17,7 @@ control_socket = "/run/fn.sock"
 listen_port = 51821
 tun_queue_len = 8192
 data_path_sched = "normal"
-data_path_nice = 3
+tx_nice = 3
 
 [xdp]
 interface = "enp1s0f0"
@@ -70,10 +70,13 @@ fn full_config_parses_every_field() {
     assert_eq!(config.wireguard.tun_queue_len, 8192);
     assert_eq!(
         config.wireguard.data_path(),
-        flynode_tunnel::sched::ThreadPolicy {
-            batch: false,
-            nice: 3
-        }
+        (
+            ThreadPolicy {
+                batch: false,
+                nice: 3
+            },
+            ThreadPolicy::NORMAL
+        )
     );
     assert_eq!(config.xdp.interface, "enp1s0f0");
     assert_eq!(config.xdp.mode, XdpMode::Native);
@@ -112,7 +115,7 @@ fn minimal_config_gets_documented_defaults() {
     assert_eq!(config.wireguard.tun_queue_len, 4096);
     assert_eq!(
         config.wireguard.data_path(),
-        flynode_tunnel::sched::ThreadPolicy::DATA_PATH
+        (ThreadPolicy::MESH_TX, ThreadPolicy::MESH_RX)
     );
     assert_eq!(config.xdp.mode, XdpMode::Auto);
     assert_eq!(config.xdp.backend, crate::ingress::BackendChoice::Auto);
@@ -274,8 +277,8 @@ fn out_of_range_port_is_rejected() {
         "/etc/flynode/flynode.toml:7:17: wireguard.tun_queue_len: invalid value: integer `0`, expected a queue length in packets (16..=1000000)"
     );
     assert_eq!(
-        err(&format!("{MINIMAL}[wireguard]\ndata_path_nice = -21\n")),
-        "/etc/flynode/flynode.toml:7:18: wireguard.data_path_nice: invalid value: integer `-21`, expected a nice value (-20..=19)"
+        err(&format!("{MINIMAL}[wireguard]\ntx_nice = -21\n")),
+        "/etc/flynode/flynode.toml:7:11: wireguard.tx_nice: invalid value: integer `-21`, expected a nice value (-20..=19)"
     );
     assert!(
         err(&format!("{MINIMAL}[wireguard]\ndata_path_sched = \"fifo\"\n"))
