@@ -33,6 +33,12 @@ Environment:
                      native XDP on veth makes the kernel segment every GSO packet before
                      the program runs, which costs the tunnel about a third of its TCP
                      throughput here; on a physical NIC native is right)
+  BENCH_RPS=1        steer each host's veth receive work to its own CPU (RPS: veth-b's
+                     to CPU1, veth-a's to CPU0). Default 0: the kernel's placement, where
+                     a veth does the receiver's work in softirq on the sending CPU, so
+                     host B's receive path (and flynode B's XDP program) runs on CPU0.
+                     With 1 every packet crosses CPUs through a backlog and an IPI,
+                     which costs per-packet senders (plain veth, boringtun-cli) most
   BENCH_STRICT=1     exit 1 if a target is missed or flynode could not be measured
   BENCH_KEEP=1       keep the work directory (logs, raw iperf3 JSON) instead of removing it
 

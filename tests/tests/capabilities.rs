@@ -90,7 +90,10 @@ fn the_daemon_attaches_and_serves_with_only_the_units_capabilities() {
     // hard limit needs CAP_SYS_RESOURCE, which some sandboxes withhold even from root;
     // there the daemon must still run, at nice 0, and say why.
     let nice_limit = unit_nice_limit();
-    assert!(nice_limit <= -5, "LimitNICE= must allow tx_nice's default -5");
+    assert!(
+        nice_limit <= -5,
+        "LimitNICE= must allow tx_nice's default -5"
+    );
     let can_raise_rlimit = own_capabilities() & (1 << 24) != 0; // CAP_SYS_RESOURCE
     let rlimit = format!("--nice={}", 20 - nice_limit);
     let mut wrapper = Vec::new();
@@ -118,7 +121,11 @@ fn the_daemon_attaches_and_serves_with_only_the_units_capabilities() {
     assert_eq!(daemon.status()["xdp"]["mode"], "native");
     // CAP_SYS_NICE (23) is not granted: the unit's RLIMIT_NICE is what lets mesh-tx
     // take its default nice value; mesh-rx stays at 0. Both run SCHED_BATCH (3).
-    assert_eq!(cap_eff & (1 << 23), 0, "the daemon ran without CAP_SYS_NICE");
+    assert_eq!(
+        cap_eff & (1 << 23),
+        0,
+        "the daemon ran without CAP_SYS_NICE"
+    );
     if can_raise_rlimit {
         assert_eq!(thread_sched(pid, "mesh-tx"), (3, -5));
     } else {

@@ -281,8 +281,10 @@ fn out_of_range_port_is_rejected() {
         "/etc/flynode/flynode.toml:7:11: wireguard.tx_nice: invalid value: integer `-21`, expected a nice value (-20..=19)"
     );
     assert!(
-        err(&format!("{MINIMAL}[wireguard]\ndata_path_sched = \"fifo\"\n"))
-            .contains("unknown variant `fifo`, expected `batch` or `normal`")
+        err(&format!(
+            "{MINIMAL}[wireguard]\ndata_path_sched = \"fifo\"\n"
+        ))
+        .contains("unknown variant `fifo`, expected `batch` or `normal`")
     );
 }
 
