@@ -102,7 +102,7 @@ impl Default for WireguardConfig {
             mtu: None,
             tun_queue_len: flynode_tunnel::io::tun::DEFAULT_TX_QUEUE_LEN,
             data_path_sched: SchedPolicy::Batch,
-            tx_nice: flynode_tunnel::sched::ThreadPolicy::MESH_TX.nice,
+            tx_nice: ThreadPolicy::MESH_TX.nice,
             key_grace: Duration::from_secs(600),
             persistent_keepalive: Duration::from_secs(25),
             forward_port: 51821,
@@ -136,7 +136,8 @@ pub enum SchedPolicy {
 }
 
 impl WireguardConfig {
-    /// The scheduling of `mesh-tx` and `mesh-rx`.
+    /// The scheduling of `mesh-tx` and `mesh-rx` (whose nice value is not
+    /// configurable: see [`ThreadPolicy::MESH_RX`]).
     pub fn data_path(&self) -> (ThreadPolicy, ThreadPolicy) {
         let batch = self.data_path_sched == SchedPolicy::Batch;
         (
@@ -144,7 +145,10 @@ impl WireguardConfig {
                 batch,
                 nice: self.tx_nice,
             },
-            ThreadPolicy { batch, nice: 0 },
+            ThreadPolicy {
+                batch,
+                ..ThreadPolicy::MESH_RX
+            },
         )
     }
 }

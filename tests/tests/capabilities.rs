@@ -3,6 +3,7 @@
 //! other fails here rather than on an operator's host.
 use flynode::netns::{Netns, veth};
 use flynode_tests::node::{Daemon, require_root};
+use flynode_tunnel::sched::ThreadPolicy;
 
 fn unit() -> String {
     std::fs::read_to_string(concat!(
@@ -90,9 +91,10 @@ fn the_daemon_attaches_and_serves_with_only_the_units_capabilities() {
     // hard limit needs CAP_SYS_RESOURCE, which some sandboxes withhold even from root;
     // there the daemon must still run, at nice 0, and say why.
     let nice_limit = unit_nice_limit();
+    let tx_nice = i32::from(ThreadPolicy::MESH_TX.nice);
     assert!(
-        nice_limit <= -5,
-        "LimitNICE= must allow tx_nice's default -5"
+        nice_limit <= tx_nice,
+        "LimitNICE= must allow tx_nice's default {tx_nice}"
     );
     let can_raise_rlimit = own_capabilities() & (1 << 24) != 0; // CAP_SYS_RESOURCE
     let rlimit = format!("--nice={}", 20 - nice_limit);
@@ -120,22 +122,33 @@ fn the_daemon_attaches_and_serves_with_only_the_units_capabilities() {
     );
     assert_eq!(daemon.status()["xdp"]["mode"], "native");
     // CAP_SYS_NICE (23) is not granted: the unit's RLIMIT_NICE is what lets mesh-tx
-    // take its default nice value; mesh-rx stays at 0. Both run SCHED_BATCH (3).
+    // take its default nice value; mesh-rx keeps its own.
     assert_eq!(
         cap_eff & (1 << 23),
         0,
         "the daemon ran without CAP_SYS_NICE"
     );
+    let policy = |p: ThreadPolicy| {
+        if p.batch {
+            libc::SCHED_BATCH
+        } else {
+            libc::SCHED_OTHER
+        }
+    };
+    let (tx, rx) = (ThreadPolicy::MESH_TX, ThreadPolicy::MESH_RX);
     if can_raise_rlimit {
-        assert_eq!(thread_sched(pid, "mesh-tx"), (3, -5));
+        assert_eq!(thread_sched(pid, "mesh-tx"), (policy(tx), tx_nice));
     } else {
-        assert_eq!(thread_sched(pid, "mesh-tx"), (3, 0));
+        assert_eq!(thread_sched(pid, "mesh-tx"), (policy(tx), 0));
         let log = daemon.log();
         assert!(
             log.contains("data-path scheduling not applied") && log.contains("RLIMIT_NICE"),
             "the daemon says why mesh-tx runs at nice 0:\n{log}"
         );
     }
-    assert_eq!(thread_sched(pid, "mesh-rx"), (3, 0));
+    assert_eq!(
+        thread_sched(pid, "mesh-rx"),
+        (policy(rx), i32::from(rx.nice))
+    );
     assert!(daemon.stop().success());
 }

@@ -59,25 +59,21 @@ impl ThreadPolicy {
     /// Applies the policy to the calling thread (on Linux both the policy and the nice
     /// value are per thread). Both are attempted; the first failure is returned.
     pub fn apply_to_current_thread(&self) -> io::Result<()> {
-        let policy = if self.batch {
-            libc::SCHED_BATCH
+        let (policy, policy_name) = if self.batch {
+            (libc::SCHED_BATCH, "SCHED_BATCH")
         } else {
-            libc::SCHED_OTHER
+            (libc::SCHED_OTHER, "SCHED_OTHER")
         };
         let param = libc::sched_param { sched_priority: 0 };
         // SAFETY: `param` is a valid sched_param; pid 0 is the calling thread.
         let sched = if unsafe { libc::sched_setscheduler(0, policy, &param) } == 0 {
             Ok(())
         } else {
-            Err(io::Error::other(format!(
-                "sched_setscheduler({}): {}",
-                if self.batch {
-                    "SCHED_BATCH"
-                } else {
-                    "SCHED_OTHER"
-                },
-                io::Error::last_os_error()
-            )))
+            let e = io::Error::last_os_error();
+            Err(io::Error::new(
+                e.kind(),
+                format!("sched_setscheduler({policy_name}): {e}"),
+            ))
         };
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::gettid() };
