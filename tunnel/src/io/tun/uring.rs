@@ -48,6 +48,34 @@ enum Ring {
     Unavailable,
 }
 
+impl Ring {
+    /// Sets up the ring on first use, allowed only `ops`; where that fails, says so
+    /// once and stays unavailable (`what` falls back to one `call` per packet).
+    fn ensure(&mut self, ops: &[u8], what: &str, call: &str) {
+        if !matches!(self, Ring::Untried) {
+            return;
+        }
+        *self = match restricted_ring(ops) {
+            Ok(ring) => Ring::Ready(Box::new(ring)),
+            Err(e) => {
+                tracing::info!(
+                    error = %e,
+                    "io_uring unavailable: TUN {what} fall back to one {call} per packet"
+                );
+                Ring::Unavailable
+            }
+        };
+    }
+
+    fn batched(&self) -> Option<bool> {
+        match self {
+            Ring::Untried => None,
+            Ring::Ready(_) => Some(true),
+            Ring::Unavailable => Some(false),
+        }
+    }
+}
+
 /// One thread's means of writing batches to a TUN file descriptor.
 pub(super) struct BatchWriter {
     ring: Ring,
@@ -62,11 +90,7 @@ impl BatchWriter {
 
     /// Whether batches go through io_uring (known after the first batch).
     pub(super) fn batched(&self) -> Option<bool> {
-        match self.ring {
-            Ring::Untried => None,
-            Ring::Ready(_) => Some(true),
-            Ring::Unavailable => Some(false),
-        }
+        self.ring.batched()
     }
 
     /// Writes packets `0..n` (`packet(i)` is the i-th, one `write(2)` each) to `fd`, in
@@ -81,18 +105,8 @@ impl BatchWriter {
         if n == 0 {
             return;
         }
-        if matches!(self.ring, Ring::Untried) {
-            self.ring = match restricted_ring(&[opcode::Write::CODE]) {
-                Ok(ring) => Ring::Ready(Box::new(ring)),
-                Err(e) => {
-                    tracing::info!(
-                        error = %e,
-                        "io_uring unavailable: TUN writes fall back to one write(2) per packet"
-                    );
-                    Ring::Unavailable
-                }
-            };
-        }
+        self.ring
+            .ensure(&[opcode::Write::CODE], "writes", "write(2)");
         let Ring::Ready(ring) = &mut self.ring else {
             for i in 0..n {
                 done(i, write_retrying(fd, packet(i)));
@@ -221,11 +235,7 @@ impl BatchReader {
 
     /// Whether rounds go through io_uring (known after the first round).
     pub(super) fn batched(&self) -> Option<bool> {
-        match self.ring {
-            Ring::Untried => None,
-            Ring::Ready(_) => Some(true),
-            Ring::Unavailable => Some(false),
-        }
+        self.ring.batched()
     }
 
     /// Issues one read into each of `bufs` (at most [`RING_ENTRIES`]) on the
@@ -240,18 +250,11 @@ impl BatchReader {
         bufs: &mut [Box<[u8]>],
         mut done: impl FnMut(usize, Result<usize, i32>),
     ) -> bool {
-        if matches!(self.ring, Ring::Untried) {
-            self.ring = match restricted_ring(&[opcode::Read::CODE, opcode::PollAdd::CODE]) {
-                Ok(ring) => Ring::Ready(Box::new(ring)),
-                Err(e) => {
-                    tracing::info!(
-                        error = %e,
-                        "io_uring unavailable: TUN reads fall back to one read(2) per packet"
-                    );
-                    Ring::Unavailable
-                }
-            };
-        }
+        self.ring.ensure(
+            &[opcode::Read::CODE, opcode::PollAdd::CODE],
+            "reads",
+            "read(2)",
+        );
         let Ring::Ready(ring) = &mut self.ring else {
             return false;
         };
