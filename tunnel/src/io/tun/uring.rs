@@ -172,6 +172,8 @@ pub(super) struct BatchReader {
     /// A readiness poll is submitted and has not completed yet (it stays armed across
     /// a wait that timed out).
     poll_armed: bool,
+    /// The last round's results.
+    results: [i32; RING_ENTRIES],
 }
 
 impl BatchReader {
@@ -179,6 +181,7 @@ impl BatchReader {
         BatchReader {
             ring: Ring::Untried,
             poll_armed: false,
+            results: [-libc::EAGAIN; RING_ENTRIES],
         }
     }
 
@@ -230,6 +233,7 @@ impl BatchReader {
         BatchReader {
             ring: Ring::Unavailable,
             poll_armed: false,
+            results: [-libc::EAGAIN; RING_ENTRIES],
         }
     }
 
@@ -239,29 +243,21 @@ impl BatchReader {
     }
 
     /// Issues one read into each of `bufs` (at most [`RING_ENTRIES`]) on the
-    /// non-blocking `fd`, in order, with one system call, and reports each:
-    /// `done(i, Ok(bytes))`, or `done(i, Err(errno))` (`EAGAIN`: the queue was empty).
+    /// non-blocking `fd`, in order, with one system call. Returns each read's result as
+    /// the kernel gave it: bytes read, or `-errno` (`-EAGAIN`: the queue was empty).
     /// Reads run in submission order, so the packets of the successful ones are in the
-    /// order the device queued them. Returns false, reporting nothing, where io_uring
-    /// is unavailable: the caller reads with `read(2)`.
-    pub(super) fn read_round(
-        &mut self,
-        fd: RawFd,
-        bufs: &mut [Box<[u8]>],
-        mut done: impl FnMut(usize, Result<usize, i32>),
-    ) -> bool {
+    /// order the device queued them. `None`, having read nothing, where io_uring is
+    /// unavailable: the caller reads with `read(2)`.
+    pub(super) fn read_round(&mut self, fd: RawFd, bufs: &mut [Box<[u8]>]) -> Option<&[i32]> {
         self.ring.ensure(
             &[opcode::Read::CODE, opcode::PollAdd::CODE],
             "reads",
             "read(2)",
         );
         let Ring::Ready(ring) = &mut self.ring else {
-            return false;
+            return None;
         };
         let count = bufs.len().min(RING_ENTRIES);
-        if count == 0 {
-            return true;
-        }
         {
             let mut sq = ring.submission();
             for (k, buf) in bufs[..count].iter_mut().enumerate() {
@@ -279,7 +275,14 @@ impl BatchReader {
                 unsafe { sq.push(&entry) }.expect("submission queue has room");
             }
         }
-        let mut results = [-libc::EAGAIN; RING_ENTRIES];
+        let results = &mut self.results[..count];
+        results.fill(-libc::EAGAIN);
+        let poll_armed = &mut self.poll_armed;
+        // A completion of the readiness poll can come in among the reads.
+        let mut record = |tag: u64, r: i32| match usize::try_from(tag) {
+            Ok(k) if k < count => results[k] = r,
+            _ => *poll_armed = false,
+        };
         let mut reaped = 0;
         while reaped < count {
             if let Err(e) = ring.submit_and_wait(count - reaped) {
@@ -287,32 +290,27 @@ impl BatchReader {
                     continue;
                 }
                 tracing::warn!(error = %e, "io_uring_enter failed; TUN reads fall back to read(2)");
-                drain(ring, count - reaped, &mut |k, r| {
-                    results[k] = r.map_or_else(|errno| -errno, |n| n as i32);
+                drain(ring, count - reaped, &mut |tag, r| {
+                    record(tag as u64, r.map_or_else(|errno| -errno, |n| n as i32));
                 });
                 self.ring = Ring::Unavailable;
                 break;
             }
             for cqe in ring.completion() {
-                if cqe.user_data() == POLL_TAG {
-                    self.poll_armed = false; // the device became readable meanwhile
-                    continue;
+                if cqe.user_data() != POLL_TAG {
+                    reaped += 1;
                 }
-                results[cqe.user_data() as usize] = cqe.result();
-                reaped += 1;
+                record(cqe.user_data(), cqe.result());
             }
         }
-        if results[..count].iter().all(|&r| r == -libc::EOPNOTSUPP) {
+        if results.iter().all(|&r| r == -libc::EOPNOTSUPP) {
             // A kernel whose TUN lacks non-blocking reads through io_uring (RWF_NOWAIT):
             // nothing was read.
             tracing::info!("io_uring reads of the TUN unsupported: one read(2) per packet");
             self.ring = Ring::Unavailable;
-            return false;
+            return None;
         }
-        for (k, &r) in results[..count].iter().enumerate() {
-            done(k, if r >= 0 { Ok(r as usize) } else { Err(-r) });
-        }
-        true
+        Some(results)
     }
 }
 
@@ -388,6 +386,87 @@ mod tests {
                 OwnedFd::from_raw_fd(fds[1]),
             )
         }
+    }
+
+    fn set_nonblocking(fd: RawFd) {
+        // SAFETY: fcntl on a descriptor we own, with plain integer arguments.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            assert!(libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) >= 0);
+        }
+    }
+
+    fn write_bytes(fd: &OwnedFd, b: &[u8]) {
+        // SAFETY: `b` is a valid readable buffer of `b.len()` bytes.
+        let n = unsafe { libc::write(fd.as_raw_fd(), b.as_ptr().cast(), b.len()) };
+        assert_eq!(n, b.len() as isize);
+    }
+
+    /// A read round on an empty non-blocking descriptor completes at once with EAGAIN
+    /// (it must not wait for data), and reads what is there when there is something.
+    #[test]
+    fn read_rounds_never_wait() {
+        let (rx, tx) = pipe();
+        set_nonblocking(rx.as_raw_fd());
+        let mut reader = BatchReader::new();
+        let mut bufs: Vec<Box<[u8]>> = (0..3).map(|_| vec![0u8; 16].into()).collect();
+        let t = std::time::Instant::now();
+        let r = reader
+            .read_round(rx.as_raw_fd(), &mut bufs)
+            .unwrap()
+            .to_vec();
+        assert_eq!(r, vec![-libc::EAGAIN; 3]);
+        assert!(t.elapsed() < Duration::from_secs(1));
+        assert_eq!(reader.batched(), Some(true), "io_uring is available here");
+        write_bytes(&tx, b"abc");
+        let r = reader
+            .read_round(rx.as_raw_fd(), &mut bufs[..2])
+            .unwrap()
+            .to_vec();
+        assert_eq!(r, vec![3, -libc::EAGAIN]);
+        assert_eq!(&bufs[0][..3], b"abc");
+    }
+
+    /// Waiting: an idle descriptor times out (twice: also with the first wait's poll
+    /// still armed), data ends a wait at once, and a poll that completes during a read
+    /// round is noticed there (the next wait arms a new one).
+    #[test]
+    fn waits_time_out_and_wake() {
+        let (rx, tx) = pipe();
+        set_nonblocking(rx.as_raw_fd());
+        let fd = rx.as_raw_fd();
+        let mut reader = BatchReader::new();
+        let mut bufs: Vec<Box<[u8]>> = vec![vec![0u8; 16].into()];
+        reader.read_round(fd, &mut bufs).unwrap();
+        for _ in 0..2 {
+            let t = std::time::Instant::now();
+            let ready = reader.wait_readable(fd, Duration::from_millis(50)).unwrap();
+            assert!(!ready.unwrap());
+            assert!(
+                t.elapsed() >= Duration::from_millis(45),
+                "{:?}",
+                t.elapsed()
+            );
+            assert!(reader.poll_armed);
+        }
+        // The armed poll completes in the round that reads the data.
+        write_bytes(&tx, b"x");
+        assert_eq!(reader.read_round(fd, &mut bufs).unwrap(), &[1]);
+        assert!(
+            !reader.poll_armed,
+            "the poll's completion was taken in the round"
+        );
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            write_bytes(&tx, b"y");
+            tx
+        });
+        let t = std::time::Instant::now();
+        let ready = reader.wait_readable(fd, Duration::from_secs(5)).unwrap();
+        assert!(ready.unwrap());
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        assert!(!reader.poll_armed);
+        drop(writer.join().unwrap());
     }
 
     /// More writes than the ring holds, in several rounds: every one reported once, and
