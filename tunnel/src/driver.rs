@@ -39,7 +39,7 @@ use crate::core::{
     Core, DATA_OVERHEAD, Decap, Drop, Encap, MIN_OUT_BUF, Peer, PeerConfig, PeersDiff,
 };
 use crate::io::route;
-use crate::io::tun::{TunConfig, TunDevice, TunSendBatch};
+use crate::io::tun::{TunConfig, TunDevice, TunSendBatch, VIRTIO_NET_HDR_LEN};
 use crate::io::udp::{RecvBatch, SendBatch, UdpSocket};
 use crate::sched::ThreadPolicy;
 
@@ -550,7 +550,8 @@ impl MeshReceiver {
             tun_batch: shared.tun.new_send_batch(128),
             shared,
             replies: SendBatch::new(64),
-            out: vec![0u8; BUF],
+            // Decrypted into at the TUN batch's headroom and handed over whole.
+            out: vec![0u8; VIRTIO_NET_HDR_LEN + BUF],
             datagrams: 0,
         }
     }
@@ -571,18 +572,19 @@ impl MeshReceiver {
         let shared = &*self.shared;
         self.datagrams += 1;
         let replies = &mut self.replies;
-        let decap = shared
-            .core
-            .decapsulate(src, datagram, &mut self.out, &mut |dst, msg| {
-                replies.push(dst, msg)
-            });
+        let decap = shared.core.decapsulate(
+            src,
+            datagram,
+            &mut self.out[VIRTIO_NET_HDR_LEN..],
+            &mut |dst, msg| replies.push(dst, msg),
+        );
         if self.replies.is_full() {
             shared.send(&mut self.replies);
         }
         let Decap::Inner { peer, len } = decap else {
             return;
         };
-        let packet = &self.out[..len];
+        let packet = &self.out[VIRTIO_NET_HDR_LEN..VIRTIO_NET_HDR_LEN + len];
         if shared.local.is_forwarded(packet) {
             shared.counters.forwarded.fetch_add(1, Relaxed);
             if let Some(forwarder) = &shared.forwarder {
@@ -597,7 +599,8 @@ impl MeshReceiver {
             if self.tun_batch.is_full() {
                 shared.write_tun(&mut self.tun_batch);
             }
-            self.tun_batch.push(packet);
+            // No copy: the buffer it was decrypted into joins the batch.
+            self.tun_batch.push_buffer(&mut self.out, len);
         }
     }
 
