@@ -26,6 +26,7 @@ against the targets (>= 3x TCP, >= 3x delivered UDP at both sizes, ping no worse
 Environment:
   BENCH_RUNS=N       runs per measurement, the median is reported (default 3)
   BENCH_SECONDS=N    iperf3 duration per test (default 5)
+  BENCH_PINGS=N      pings per idle-RTT measurement, 50 ms apart (default 20)
   BENCH_ONLY=LIST    comma-separated subset of plain,boringtun,wggo,flynode (default all)
   BENCH_OUT=FILE     also write the results as JSON to FILE
   FLYNODE_BIN=PATH   flynode binary to use (default: build target/release/flynode)
@@ -58,6 +59,7 @@ SECS=${BENCH_SECONDS:-5}
 ONLY=${BENCH_ONLY:-plain,boringtun,wggo,flynode}
 OUT=${BENCH_OUT:-}
 RPS=${BENCH_RPS:-0}
+PINGS=${BENCH_PINGS:-20}
 CPU_A=0 # host A: edge side
 CPU_B=1 # host B: worker side
 ALL_VARIANTS=(plain boringtun wggo flynode)
@@ -71,6 +73,7 @@ die() { printf 'bench/tunnel.sh: %s\n' "$*" >&7; exit 1; }
 [[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "BENCH_RUNS must be a positive integer, not '$RUNS'"
 [[ $RPS == 0 || $RPS == 1 ]] || die "BENCH_RPS must be 0 or 1, not '$RPS'"
 [[ $SECS =~ ^[1-9][0-9]*$ ]] || die "BENCH_SECONDS must be a positive integer, not '$SECS'"
+[[ $PINGS =~ ^[1-9][0-9]{0,3}$ ]] || die "BENCH_PINGS must be an integer from 1 to 9999, not '$PINGS'"
 VARIANTS=()
 IFS=',' read -r -a _only <<<"$ONLY"
 for v in "${ALL_VARIANTS[@]}"; do
@@ -243,7 +246,7 @@ mkdir -p "$RES"
 
 # Upper bound for a tunnel process's life in one variant (never reached in a normal run;
 # it only guarantees nothing outlives a SIGKILLed script for long).
-DAEMON_BUDGET=$((RUNS * (3 * (SECS + 30) + 15) + 120))
+DAEMON_BUDGET=$((RUNS * (3 * (SECS + 30) + PINGS / 20 + 15) + 120))
 IPERF_PORT=5201
 
 # --- topology ------------------------------------------------------------------------
@@ -483,8 +486,8 @@ measure() { # VARIANT_DIR DST
   for ((r = 1; r <= RUNS; r++)); do
     log "  run $r/$RUNS: ping, TCP, UDP 1392 B, UDP 64 B"
     sleep 1 # let queues drain: the ping is of the idle mesh
-    run_fg "$vd/ping.$r.txt" "$vd/ping.$r.txt" taskset -c "$CPU_A" timeout -k 2 15 \
-      ip netns exec "$NS_A" ping -c 20 -i 0.05 -q -W 1 "$dst" ||
+    run_fg "$vd/ping.$r.txt" "$vd/ping.$r.txt" taskset -c "$CPU_A" timeout -k 2 $((PINGS / 20 + 15)) \
+      ip netns exec "$NS_A" ping -c "$PINGS" -i 0.05 -q -W 1 "$dst" ||
       log "    ping run $r failed: $(grep -m1 -E 'transmitted|ping:' "$vd/ping.$r.txt" || echo 'timed out')"
     iperf_test tcp "$r" "$dst" "$vd"
     iperf_test udp1392 "$r" "$dst" "$vd" -u -b 0 -l 1392 -w 4M
