@@ -134,6 +134,21 @@ pub(crate) fn ipv4_udp(
     p
 }
 
+/// The UDP checksum's partial form for an IPv4 (no options) or IPv6 packet: the folded
+/// pseudo-header sum over its addresses and UDP length (the rest of the packet).
+pub(crate) fn udp_partial_seed(p: &[u8]) -> u16 {
+    let (ip_len, addrs) = if p[0] >> 4 == 4 {
+        (usize::from(p[0] & 0x0f) * 4, 12..20)
+    } else {
+        (40, 8..40)
+    };
+    let udp_len = (p.len() - ip_len) as u16;
+    let mut pseudo = p[addrs].to_vec();
+    pseudo.extend_from_slice(&[0, 17]);
+    pseudo.extend_from_slice(&udp_len.to_be_bytes());
+    ones_sum(&pseudo, 0)
+}
+
 /// Verifies the transport (TCP/UDP) checksum of an IPv4 or IPv6 packet without
 /// extension headers / options beyond IHL.
 pub(crate) fn transport_checksum_ok(p: &[u8]) -> bool {

@@ -527,7 +527,7 @@ impl TunDevice {
             batch.queued.clear();
             let chunk = &mut batch.bufs[start..end];
             res = if self.offload {
-                self.queue_coalesced(chunk, &mut batch.gro, &mut batch.queued)
+                self.queue_coalesced(chunk, &mut batch.gro, &mut batch.udp_gro, &mut batch.queued)
             } else {
                 queue_plain(chunk, &mut batch.queued);
                 Ok(())
@@ -554,6 +554,7 @@ impl TunDevice {
         &self,
         bufs: &mut [PktBuf],
         gro: &mut GROTable,
+        udp_gro: &mut udp_gro::UdpGro,
         queued: &mut Vec<Queued>,
     ) -> io::Result<()> {
         let udp = self.udp_offload;
@@ -578,7 +579,7 @@ impl TunDevice {
         if tcp > 0 {
             self.queue_gro(&mut bufs[..tcp], gro, queued)?;
         }
-        udp_gro::queue(&mut bufs[tcp..whole], tcp, queued);
+        udp_gro.queue(&mut bufs[tcp..whole], tcp, queued);
         for (index, b) in bufs.iter_mut().enumerate().skip(whole) {
             let (csum_start, csum_offset) = b.partial.take().unwrap_or_default();
             let hdr = VirtioNetHdr {
@@ -1046,6 +1047,7 @@ pub struct TunSendBatch {
     capacity: usize,
     buf_bytes: usize,
     gro: GROTable,
+    udp_gro: udp_gro::UdpGro,
     stats: TunSendStats,
     /// The writes of the chunk being sent.
     queued: Vec<Queued>,
@@ -1092,6 +1094,7 @@ impl TunSendBatch {
             capacity: n,
             buf_bytes,
             gro: GROTable::new(),
+            udp_gro: udp_gro::UdpGro::default(),
             stats: TunSendStats::default(),
             queued: Vec::with_capacity(n),
             writer: uring::BatchWriter::new(),
@@ -1214,15 +1217,8 @@ impl TunSendBatch {
         true
     }
 
-    /// A buffer for [`push_buffer`](Self::push_buffer): [`VIRTIO_NET_HDR_LEN`] bytes of
-    /// headroom, then room for a packet as large as this batch's.
-    pub fn spare_buffer(&self) -> Vec<u8> {
-        vec![0u8; self.buf_bytes.max(VIRTIO_NET_HDR_LEN + MAX_IP_PACKET)]
-    }
-
-    /// Adds the packet at `buf[VIRTIO_NET_HDR_LEN..][..len]` (e.g. decrypted into a
-    /// buffer from [`spare_buffer`](Self::spare_buffer)) without copying it: `buf` is
-    /// swapped with a free buffer of the batch, which the caller keeps for the next
+    /// Adds the packet at `buf[VIRTIO_NET_HDR_LEN..][..len]` (e.g. decrypted there, past
+    /// room for the virtio header) without copying it: `buf` is swapped with a free buffer of the batch, which the caller keeps for the next
     /// packet (at least as large as the one it gave). False (counted as
     /// [`commit`](Self::commit) does, `buf` unchanged) if it is not an IPv4/IPv6 packet.
     ///
@@ -1266,7 +1262,7 @@ mod tests {
     use super::*;
     use crate::io::route::add_route;
     use crate::io::testutil::{
-        Rng, in_netns, ip, ipv4_udp, ipv6_udp, tcp_packet, transport_checksum_ok,
+        Rng, in_netns, ip, ipv4_udp, ipv6_udp, tcp_packet, transport_checksum_ok, udp_partial_seed,
     };
     use crate::io::udp::{SendBatch, UdpSocket};
     use std::collections::BTreeMap;
@@ -1927,20 +1923,13 @@ mod tests {
 
     /// Turns a UDP packet's checksum into the partial form: the folded pseudo-header sum.
     fn to_partial(p: &mut [u8]) -> (u16, u16) {
-        let (ip_len, addrs) = if p[0] >> 4 == 4 {
-            (usize::from(p[0] & 0x0f) * 4, 12..20)
+        let ip_len = if p[0] >> 4 == 4 {
+            usize::from(p[0] & 0x0f) * 4
         } else {
-            (40, 8..40)
+            40
         };
-        let udp_len = p.len() - ip_len;
-        let mut sum = 17 + udp_len as u64;
-        for w in p[addrs].chunks_exact(2) {
-            sum += u64::from(u16::from_be_bytes([w[0], w[1]]));
-        }
-        while sum >> 16 != 0 {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        p[ip_len + 6..ip_len + 8].copy_from_slice(&(sum as u16).to_be_bytes());
+        let seed = udp_partial_seed(p);
+        p[ip_len + 6..ip_len + 8].copy_from_slice(&seed.to_be_bytes());
         (ip_len as u16, 6)
     }
 
@@ -2264,6 +2253,41 @@ mod tests {
         });
     }
 
+    /// A decrypted packet joins the batch by buffer swap: the batch holds its bytes, the
+    /// caller gets back a buffer at least as large, and a non-IP packet is refused and
+    /// counted with the caller's buffer left as it was.
+    #[test]
+    fn push_buffer_swaps_without_copying() {
+        let mut batch = TunSendBatch::with_capacity(4, 1500);
+        let p = ipv4_udp(
+            Ipv4Addr::new(198, 18, 0, 1),
+            1,
+            Ipv4Addr::new(198, 18, 0, 2),
+            2,
+            b"hi",
+        );
+        let mut buf = vec![0u8; VIRTIO_NET_HDR_LEN + 65_600];
+        buf[VIRTIO_NET_HDR_LEN..][..p.len()].copy_from_slice(&p);
+        let given = buf.as_ptr();
+        assert!(batch.push_buffer(&mut buf, p.len()));
+        assert_eq!(batch.len(), 1);
+        assert_eq!(
+            batch.bufs[0].data.as_ptr(),
+            given,
+            "the same allocation, not a copy"
+        );
+        assert_eq!(
+            batch.bufs[0].as_ref(),
+            &[&[0u8; VIRTIO_NET_HDR_LEN][..], &p].concat()
+        );
+        assert!(buf.len() >= VIRTIO_NET_HDR_LEN + 65_600, "{}", buf.len());
+        buf[VIRTIO_NET_HDR_LEN] = 0x50;
+        let before = buf.clone();
+        assert!(!batch.push_buffer(&mut buf, 40));
+        assert_eq!(buf, before);
+        assert_eq!((batch.len(), batch.stats().invalid), (1, 1));
+    }
+
     /// Cost of coalescing UDP per packet, ours (`udp_gro`) against `tun-rs`'s GRO in the
     /// same run: 128 datagrams of 1392 bytes (iperf3's size in `bench/tunnel.sh`) of
     /// one flow, pushes measured separately and subtracted.
@@ -2301,7 +2325,8 @@ mod tests {
             let (push, _) = run(&mut |_| 0);
             let (ours, w1) = run(&mut |b| {
                 let mut queued = Vec::new();
-                udp_gro::queue(&mut b.bufs[..IDEAL_BATCH_SIZE], 0, &mut queued);
+                b.udp_gro
+                    .queue(&mut b.bufs[..IDEAL_BATCH_SIZE], 0, &mut queued);
                 queued.len()
             });
             let (theirs, w2) = run(&mut |b| {

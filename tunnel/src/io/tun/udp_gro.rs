@@ -33,8 +33,7 @@ const KEY_BYTES: usize = 41;
 
 /// A UDP datagram that can be part of a run.
 struct Datagram {
-    v6: bool,
-    /// IP header length (20 or 40).
+    /// IP header length: 20 (IPv4) or 40 (IPv6).
     ip_len: usize,
     payload: usize,
     key: [u8; KEY_BYTES],
@@ -52,7 +51,7 @@ pub(super) fn is_udp(pkt: &[u8]) -> bool {
 
 fn parse(pkt: &[u8]) -> Option<Datagram> {
     let mut key = [0u8; KEY_BYTES];
-    let (v6, ip_len) = match pkt.first()? >> 4 {
+    let ip_len = match pkt.first()? >> 4 {
         4 => {
             // No options; not a fragment (MF clear, offset 0); lengths agree.
             if pkt.len() < 28 || pkt[0] & 0x0f != 5 || pkt[9] != 17 {
@@ -68,7 +67,7 @@ fn parse(pkt: &[u8]) -> Option<Datagram> {
             key[2] = pkt[6] & 0x40; // DF
             key[3] = pkt[8]; // TTL
             key[4..16].copy_from_slice(&pkt[12..24]); // addresses, ports
-            (false, 20)
+            20
         }
         6 => {
             if pkt.len() < 48 || pkt[6] != 17 {
@@ -80,7 +79,7 @@ fn parse(pkt: &[u8]) -> Option<Datagram> {
             key[..4].copy_from_slice(&pkt[..4]); // version, class, flow label
             key[4] = pkt[7]; // hop limit
             key[5..41].copy_from_slice(&pkt[8..44]); // addresses, ports
-            (true, 40)
+            40
         }
         _ => return None,
     };
@@ -89,7 +88,6 @@ fn parse(pkt: &[u8]) -> Option<Datagram> {
         return None;
     }
     Some(Datagram {
-        v6,
         ip_len,
         payload: udp_len - 8,
         key,
@@ -101,76 +99,86 @@ struct Run {
     head: usize,
     /// Its entry in the write queue.
     queued: usize,
-    v6: bool,
+    /// IP header length: 20 (IPv4) or 40 (IPv6); the key tells the versions apart.
     ip_len: usize,
     gso_size: usize,
     count: usize,
     key: [u8; KEY_BYTES],
 }
 
-/// Coalesces the UDP packets `bufs` (each a virtio-header gap and an IP packet for
-/// which [`is_udp`] holds) and queues one write per run or lone packet; queue indexes
-/// are `base +` the index in `bufs`. The virtio header of every written buffer is
-/// filled in.
-pub(super) fn queue(bufs: &mut [PktBuf], base: usize, queued: &mut Vec<Queued>) {
-    let mut open: Vec<Run> = Vec::with_capacity(OPEN_RUNS);
-    for j in 0..bufs.len() {
-        let Some(d) = parse(&bufs[j].data[VIRTIO_NET_HDR_LEN..bufs[j].len]) else {
-            // Written as it came. It may belong to an open run's flow (a fragment or a
-            // packet with options has no comparable key): close every run so that
-            // nothing after it is written before it.
-            for run in open.drain(..) {
-                finish(bufs, &run, queued);
-            }
-            single(&mut bufs[j], base + j, queued);
-            continue;
-        };
-        if let Some(at) = open.iter().position(|r| r.key == d.key) {
-            let run = &mut open[at];
-            if append(bufs, run, j, &d) {
-                if d.payload < run.gso_size || run.count == MAX_SEGMENTS {
-                    let run = open.swap_remove(at);
+/// The runs open while coalescing one batch; kept with the batch so that coalescing
+/// allocates nothing.
+#[derive(Default)]
+pub(super) struct UdpGro {
+    open: Vec<Run>,
+}
+
+impl UdpGro {
+    /// Coalesces the UDP packets `bufs` (each a virtio-header gap and an IP packet for
+    /// which [`is_udp`] holds) and queues one write per run or lone packet; queue
+    /// indexes are `base +` the index in `bufs`. The virtio header of every written
+    /// buffer is filled in.
+    pub(super) fn queue(&mut self, bufs: &mut [PktBuf], base: usize, queued: &mut Vec<Queued>) {
+        let open = &mut self.open;
+        open.clear();
+        for j in 0..bufs.len() {
+            let Some(d) = parse(&bufs[j].data[VIRTIO_NET_HDR_LEN..bufs[j].len]) else {
+                // Written as it came. It may belong to an open run's flow (a fragment or
+                // a packet with options has no comparable key): close every run so that
+                // nothing after it is written before it.
+                for run in open.drain(..) {
                     finish(bufs, &run, queued);
                 }
+                single(&mut bufs[j], base + j, queued);
                 continue;
+            };
+            if let Some(at) = open.iter().position(|r| r.key == d.key) {
+                let run = &mut open[at];
+                if append(bufs, run, j, &d) {
+                    if d.payload < run.gso_size || run.count == MAX_SEGMENTS {
+                        let run = open.swap_remove(at);
+                        finish(bufs, &run, queued);
+                    }
+                    continue;
+                }
+                let run = open.swap_remove(at);
+                finish(bufs, &run, queued);
+            } else if open.len() == OPEN_RUNS {
+                let run = open.remove(0);
+                finish(bufs, &run, queued);
             }
-            let run = open.swap_remove(at);
-            finish(bufs, &run, queued);
-        } else if open.len() == OPEN_RUNS {
-            let run = open.remove(0);
+            queued.push(Queued {
+                index: base + j,
+                from: 0,
+                segments: 1,
+            });
+            open.push(Run {
+                head: j,
+                queued: queued.len() - 1,
+                ip_len: d.ip_len,
+                gso_size: d.payload,
+                count: 1,
+                key: d.key,
+            });
+        }
+        for run in open.drain(..) {
             finish(bufs, &run, queued);
         }
-        queued.push(Queued {
-            index: base + j,
-            from: 0,
-            segments: 1,
-        });
-        open.push(Run {
-            head: j,
-            queued: queued.len() - 1,
-            v6: d.v6,
-            ip_len: d.ip_len,
-            gso_size: d.payload,
-            count: 1,
-            key: d.key,
-        });
-    }
-    for run in open.drain(..) {
-        finish(bufs, &run, queued);
     }
 }
 
 /// Appends datagram `j`'s payload to `run` if it fits: no larger than the run's size,
 /// and the result within 64 KiB.
 fn append(bufs: &mut [PktBuf], run: &mut Run, j: usize, d: &Datagram) -> bool {
-    if d.payload > run.gso_size || run.v6 != d.v6 {
+    if d.payload > run.gso_size {
         return false;
     }
     let (left, right) = bufs.split_at_mut(j);
     let (head, pkt) = (&mut left[run.head], &right[0]);
     let end = head.len + d.payload;
-    let ip_total = end - VIRTIO_NET_HDR_LEN - if run.v6 { 40 } else { 0 };
-    if ip_total > MAX_IP_PACKET {
+    // The IPv4 total length, or the IPv6 payload length, must fit 16 bits.
+    let length_field = end - VIRTIO_NET_HDR_LEN - if run.ip_len == 40 { 40 } else { 0 };
+    if length_field > MAX_IP_PACKET {
         return false;
     }
     if end > head.data.len() {
@@ -212,7 +220,7 @@ fn finish(bufs: &mut [PktBuf], run: &Run, queued: &mut [Queued]) {
     // Lengths fit 16 bits: `append` keeps the IP packet within 64 KiB.
     let udp_len16 = udp_len as u16;
     pkt[ip + 4..ip + 6].copy_from_slice(&udp_len16.to_be_bytes());
-    let pseudo = if run.v6 {
+    let pseudo = if ip == 40 {
         pkt[4..6].copy_from_slice(&udp_len16.to_be_bytes());
         pseudo_header(&pkt[8..24], &pkt[24..40], udp_len16)
     } else {
@@ -249,7 +257,9 @@ mod tests {
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     use super::*;
-    use crate::io::testutil::{Rng, ipv4_udp, ipv6_udp, ones_sum, transport_checksum_ok};
+    use crate::io::testutil::{
+        Rng, ipv4_udp, ipv6_udp, ones_sum, transport_checksum_ok, udp_partial_seed,
+    };
     use crate::io::tun::{GRO_BUF_BYTES, prepare_gso};
 
     const A4: Ipv4Addr = Ipv4Addr::new(198, 18, 9, 1);
@@ -290,7 +300,7 @@ mod tests {
     fn roundtrip(pkts: &[Vec<u8>]) -> (Flows, usize) {
         let mut bufs: Vec<PktBuf> = pkts.iter().map(|p| buf(p)).collect();
         let mut queued = Vec::new();
-        queue(&mut bufs, 0, &mut queued);
+        UdpGro::default().queue(&mut bufs, 0, &mut queued);
         let mut got = Flows::new();
         let mut slots = vec![vec![0u8; 2048]; MAX_SEGMENTS];
         let mut sizes = vec![0usize; MAX_SEGMENTS];
@@ -322,24 +332,13 @@ mod tests {
             // The checksum field holds the folded pseudo-header sum over the whole
             // super-packet (what the kernel completes from, and adjusts per segment).
             let ip = usize::from(hdr.csum_start);
-            let udp_len = (pkt.len() - ip) as u16;
             assert_eq!(
                 usize::from(u16::from_be_bytes([pkt[ip + 4], pkt[ip + 5]])),
                 pkt.len() - ip
             );
-            let mut pseudo = Vec::new();
-            if ip == 20 {
-                pseudo.extend_from_slice(&pkt[12..20]);
-                pseudo.extend_from_slice(&[0, 17]);
-                pseudo.extend_from_slice(&udp_len.to_be_bytes());
-            } else {
-                pseudo.extend_from_slice(&pkt[8..40]);
-                pseudo.extend_from_slice(&u32::from(udp_len).to_be_bytes());
-                pseudo.extend_from_slice(&[0, 0, 0, 17]);
-            }
             assert_eq!(
                 u16::from_be_bytes([pkt[ip + 6], pkt[ip + 7]]),
-                ones_sum(&pseudo, 0),
+                udp_partial_seed(pkt),
                 "partial checksum seed"
             );
             assert_eq!((hdr.csum_offset, hdr.hdr_len), (6, ip as u16 + 8));

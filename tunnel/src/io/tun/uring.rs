@@ -131,31 +131,22 @@ impl BatchWriter {
                     unsafe { sq.push(&entry) }.expect("submission queue has room");
                 }
             }
-            let mut reaped = 0;
-            while reaped < count {
-                if let Err(e) = ring.submit_and_wait(count - reaped) {
-                    if e.raw_os_error() == Some(libc::EINTR) {
-                        continue;
-                    }
-                    // io_uring_enter itself failed (not a write): nothing can be
-                    // assumed about the entries, so wait for them without submitting
-                    // more, then finish this batch (and the next ones) with write(2).
-                    tracing::warn!(error = %e, "io_uring_enter failed; TUN writes fall back to write(2)");
-                    drain(ring, count - reaped, &mut |k, r| {
-                        done(first + k, r);
-                    });
-                    self.ring = Ring::Unavailable;
-                    for i in first + count..n {
-                        done(i, write_retrying(fd, packet(i)));
-                    }
-                    return;
+            let reaped = reap(ring, count, |_| true, &mut |k, r| {
+                done(
+                    first + k as usize,
+                    if r >= 0 { Ok(r as usize) } else { Err(-r) },
+                );
+            });
+            if let Err(e) = reaped {
+                // io_uring_enter itself failed (not a write): `reap` waited for the
+                // entries without submitting more; finish this batch (and the next ones)
+                // with write(2).
+                tracing::warn!(error = %e, "io_uring_enter failed; TUN writes fall back to write(2)");
+                self.ring = Ring::Unavailable;
+                for i in first + count..n {
+                    done(i, write_retrying(fd, packet(i)));
                 }
-                for cqe in ring.completion() {
-                    let k = cqe.user_data() as usize;
-                    let r = cqe.result();
-                    done(first + k, if r >= 0 { Ok(r as usize) } else { Err(-r) });
-                    reaped += 1;
-                }
+                return;
             }
             first += count;
         }
@@ -283,25 +274,10 @@ impl BatchReader {
             Ok(k) if k < count => results[k] = r,
             _ => *poll_armed = false,
         };
-        let mut reaped = 0;
-        while reaped < count {
-            if let Err(e) = ring.submit_and_wait(count - reaped) {
-                if e.raw_os_error() == Some(libc::EINTR) {
-                    continue;
-                }
-                tracing::warn!(error = %e, "io_uring_enter failed; TUN reads fall back to read(2)");
-                drain(ring, count - reaped, &mut |tag, r| {
-                    record(tag as u64, r.map_or_else(|errno| -errno, |n| n as i32));
-                });
-                self.ring = Ring::Unavailable;
-                break;
-            }
-            for cqe in ring.completion() {
-                if cqe.user_data() != POLL_TAG {
-                    reaped += 1;
-                }
-                record(cqe.user_data(), cqe.result());
-            }
+        // The readiness poll does not count towards the round's completions.
+        if let Err(e) = reap(ring, count, |tag| tag != POLL_TAG, &mut record) {
+            tracing::warn!(error = %e, "io_uring_enter failed; TUN reads fall back to read(2)");
+            self.ring = Ring::Unavailable;
         }
         if results.iter().all(|&r| r == -libc::EOPNOTSUPP) {
             // A kernel whose TUN lacks non-blocking reads through io_uring (RWF_NOWAIT):
@@ -334,23 +310,46 @@ fn restricted_ring(ops: &[u8]) -> io::Result<IoUring> {
 /// Reaps up to `left` outstanding completions, for up to a second (the writes were
 /// issued inline; this only matters if a kernel punted one to a worker). Writes still
 /// outstanding after that are not reported.
-fn drain(ring: &mut IoUring, mut left: usize, done: &mut impl FnMut(usize, Result<usize, i32>)) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
-    while left > 0 && std::time::Instant::now() < deadline {
-        if let Err(e) = ring.submitter().submit_and_wait(1)
+/// Submits what is queued on `ring` and reaps until `count` completions that `counted`
+/// accepts (by `user_data`) have come, handing each completion to `on(user_data,
+/// result)`. If io_uring_enter itself fails (not EINTR), nothing can be assumed about
+/// the entries: it waits for the rest without submitting more (up to a second, the
+/// kernel owning their buffers until then) and returns the error, for the caller to
+/// fall back to plain system calls.
+fn reap(
+    ring: &mut IoUring,
+    count: usize,
+    counted: impl Fn(u64) -> bool,
+    on: &mut impl FnMut(u64, i32),
+) -> io::Result<()> {
+    let mut reaped = 0;
+    // The error, and until when to wait for the entries after it.
+    let mut failed: Option<(io::Error, std::time::Instant)> = None;
+    while reaped < count {
+        let want = match &failed {
+            None => count - reaped,
+            Some((_, until)) if std::time::Instant::now() < *until => 1,
+            Some(_) => break,
+        };
+        if let Err(e) = ring.submitter().submit_and_wait(want)
             && e.raw_os_error() != Some(libc::EINTR)
         {
-            std::thread::sleep(std::time::Duration::from_millis(1));
+            if failed.is_some() {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            } else {
+                let until = std::time::Instant::now() + std::time::Duration::from_secs(1);
+                failed = Some((e, until));
+                continue;
+            }
         }
         for cqe in ring.completion() {
-            let r = cqe.result();
-            done(
-                cqe.user_data() as usize,
-                if r >= 0 { Ok(r as usize) } else { Err(-r) },
-            );
-            left = left.saturating_sub(1);
+            if counted(cqe.user_data()) {
+                reaped += 1;
+            }
+            on(cqe.user_data(), cqe.result());
         }
     }
+    failed.map_or(Ok(()), |(e, _)| Err(e))
 }
 
 fn write_retrying(fd: RawFd, p: &[u8]) -> Result<usize, i32> {
