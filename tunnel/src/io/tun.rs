@@ -1103,8 +1103,8 @@ impl TunSendBatch {
     }
 
     /// Whether this batch's writes go through io_uring, one system call per batch
-    /// (`None` until its first send; `Some(false)`: one `write` per packet, io_uring
-    /// being unavailable).
+    /// (`None` until its first send of two or more writes, a lone one being a plain
+    /// `write(2)`; `Some(false)`: one `write` per packet, io_uring being unavailable).
     pub fn io_uring(&self) -> Option<bool> {
         self.writer.batched()
     }
