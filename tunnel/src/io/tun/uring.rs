@@ -111,8 +111,8 @@ impl BatchWriter {
             // One packet (a ping, an idle mesh): `write(2)`. One system call either
             // way, but the first io_uring_enter after the thread slept cost about 15 µs
             // more than a write on this VM (the ring's pages and the submission path
-            // come in cold): an idle mesh ping went from 0.326 to 0.296 ms (p50 of six
-            // runs of 100, side by side with the io_uring build, see the README).
+            // come in cold): in one side-by-side comparison an idle mesh ping went from
+            // 0.326 to 0.296 ms (`bench/ping-ab.sh`; see the README for later runs).
             done(0, write_retrying(fd, packet(0)));
             return;
         }
