@@ -56,6 +56,8 @@ done
 command -v wg >/dev/null || { echo "ping-ab: needs wg (apt install wireguard-tools)" >&2; exit 2; }
 
 log() { echo "ping-ab: $*" >&2; }
+# shellcheck source=bench/mesh.sh
+source "$BENCH_DIR/mesh.sh"
 NS_A=fpa-$$ NS_B=fpb-$$
 BT_A=pbt-a-$$ BT_B=pbt-b-$$
 WORK=$(mktemp -d /tmp/fly-ping-ab.XXXXXX)
@@ -106,58 +108,12 @@ for u in 1 2; do
 done
 
 flynode_up() { # NAME BINARY UNDERLAY MESH6-PREFIX MESH4-NET PORT
-  local n=$1 bin=$2 u=$3 m6=$4 m4=$5 port=$6 h i d
-  for h in a b; do
-    d=$WORK/$n-$h
-    mkdir -m 700 "$d"
-    "$bin" keys generate --key-dir "$d/keys" 2>"$d/keys.err" | tail -n 1 | tr -d '[:space:]' >"$d/pub"
-    [[ -s $d/pub ]] || { log "$n: flynode keys generate failed: $(cat "$d/keys.err")"; return 1; }
-  done
-  for h in a b; do
-    d=$WORK/$n-$h
-    i=1; [[ $h == b ]] && i=2
-    cat >"$d/flynode.toml" <<EOF
-node_id = "$n-$h"
-region = "bench"
-mesh_address = "$m6$i"
-key_dir = "$d/keys"
-control_socket = "$d/control.sock"
-
-[wireguard]
-listen_port = $port
-interface = "$n-$h"
-mesh_ipv4 = "$m4.$i"
-
-[xdp]
-mode = "generic"
-interface = "veth$u-$h"
-
-[metrics]
-listen = "127.0.0.1:$((port + 1000))"
-
-[source]
-file = "$d/routing.toml"
-EOF
-  done
-  for h in a b; do
-    {
-      for i in 1 2; do
-        local hh=a; [[ $i == 2 ]] && hh=b
-        cat <<EOF
-[[node]]
-id = "$n-$hh"
-region = "bench"
-public_key = "$(cat "$WORK/$n-$hh/pub")"
-endpoint = "198.18.$u.$i:$port"
-mesh_address = "$m6$i"
-mesh_ipv4 = "$m4.$i"
-
-EOF
-      done
-    } >"$WORK/$n-$h/routing.toml"
-  done
-  start "$WORK/$n-a.log" 0 "$NS_A" "$bin" run --config "$WORK/$n-a/flynode.toml"
-  start "$WORK/$n-b.log" 1 "$NS_B" "$bin" run --config "$WORK/$n-b/flynode.toml"
+  local n=$1 bin=$2 u=$3 m6=$4 m4=$5 port=$6
+  # Both daemons of a host share its namespace: metrics on a port of their own.
+  FLYNODE_XDP_MODE=generic flynode_pair_files "$bin" "$WORK/$n" "$n" "$port" "198.18.$u" \
+    "$m6" "$m4" "$n" "veth$u" $((port + 1000))
+  start "$WORK/$n-a.log" 0 "$NS_A" "$bin" run --config "$WORK/$n/a/flynode.toml"
+  start "$WORK/$n-b.log" 1 "$NS_B" "$bin" run --config "$WORK/$n/b/flynode.toml"
 }
 
 flynode_up flyx "$FLY_X" 1 fd00:b:: 198.18.250 51820

@@ -68,6 +68,8 @@ ALL_VARIANTS=(plain boringtun wggo flynode)
 # redirection is in effect still reaches the terminal.
 exec 7>&2
 log() { printf '%s\n' "$*" >&7; }
+# shellcheck source=bench/mesh.sh
+source "$(dirname "$0")/mesh.sh"
 die() { printf 'bench/tunnel.sh: %s\n' "$*" >&7; exit 1; }
 
 [[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "BENCH_RUNS must be a positive integer, not '$RUNS'"
@@ -351,66 +353,10 @@ wg_tunnel_up() { # KIND VARIANT_DIR
 }
 
 # --- flynode -------------------------------------------------------------------------
-flynode_host_files() { # DIR ID MESH6 MESH4 TUN VETH
-  local d=$1
-  cat >"$d/flynode.toml" <<EOF
-node_id = "$2"
-region = "bench"
-mesh_address = "$3"
-key_dir = "$d/keys"
-control_socket = "$d/control.sock"
-
-[wireguard]
-listen_port = 51820
-interface = "$5"
-mesh_ipv4 = "$4"
-
-[xdp]
-mode = "${FLYNODE_XDP_MODE:-generic}"
-interface = "$6"
-
-[source]
-file = "$d/routing.toml"
-EOF
-}
-
 flynode_tunnel_up() { # VARIANT_DIR
-  local vd=$1 h d out
-  for h in a b; do
-    d=$vd/$h
-    mkdir -p "$d"
-    chmod 700 "$d"
-    if ! out=$(timeout 20 "$FLYNODE" keys generate --key-dir "$d/keys" 2>"$d/keys.err"); then
-      log "flynode: 'flynode keys generate' failed:"
-      sed 's/^/    /' "$d/keys.err" >&2
-      return 1
-    fi
-    out=$(printf '%s\n' "$out" | tail -n 1 | tr -d '[:space:]')
-    [[ $out =~ ^[A-Za-z0-9+/]{43}=$ ]] ||
-      { log "flynode: 'flynode keys generate' printed no public key (got '$out')"; return 1; }
-    echo "$out" >"$d/pub"
-  done
+  local vd=$1
+  flynode_pair_files "$FLYNODE" "$vd" bench 51820 198.18.1 fd00:b:: 198.18.250 fly veth || return 1
   IF_A=fly-a IF_B=fly-b
-  flynode_host_files "$vd/a" bench-a fd00:b::1 198.18.250.1 fly-a veth-a
-  flynode_host_files "$vd/b" bench-b fd00:b::2 198.18.250.2 fly-b veth-b
-  cat >"$vd/a/routing.toml" <<EOF
-[[node]]
-id = "bench-a"
-region = "bench"
-public_key = "$(cat "$vd/a/pub")"
-endpoint = "198.18.1.1:51820"
-mesh_address = "fd00:b::1"
-mesh_ipv4 = "198.18.250.1"
-
-[[node]]
-id = "bench-b"
-region = "bench"
-public_key = "$(cat "$vd/b/pub")"
-endpoint = "198.18.1.2:51820"
-mesh_address = "fd00:b::2"
-mesh_ipv4 = "198.18.250.2"
-EOF
-  cp "$vd/a/routing.toml" "$vd/b/routing.toml"
   start_bg "$vd/a/flynode.log" taskset -c "$CPU_A" timeout -k 5 "$DAEMON_BUDGET" \
     ip netns exec "$NS_A" "$FLYNODE" run --config "$vd/a/flynode.toml"
   TOP_A=$LAST_PID TUN_A=$(child_of "$LAST_PID")

@@ -518,6 +518,8 @@ mod tests {
         assert_eq!(results, vec![(0, Ok(4))]);
         assert_eq!(writer.batched(), None, "no ring for a single write");
         writer.write_all(tx.as_raw_fd(), 2, |_| b"xy", |i, r| results.push((i, r)));
+        results[1..].sort();
+        assert_eq!(results, vec![(0, Ok(4)), (0, Ok(2)), (1, Ok(2))]);
         assert_eq!(
             writer.batched(),
             Some(true),
