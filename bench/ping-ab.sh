@@ -28,6 +28,8 @@ Environment:
   PING_COUNT=N     pings per tunnel per round (default 100)
   PING_INTERVAL=S  seconds between pings (default 0.03; at 0.002 nothing goes idle and
                    every tunnel is about twice as fast)
+  PING_LOGS=DIR    copy the tunnels' logs (flyx-a.log, flyy-b.log, bt-a.log, ...) into DIR
+                   at the end
 
 Needs boringtun-cli in bench/.tools (bench/tunnel.sh installs it) and wireguard-tools.
 EOF
@@ -79,6 +81,9 @@ cleanup() {
   ip netns del "$NS_A" 2>/dev/null || true
   ip netns del "$NS_B" 2>/dev/null || true
   rm -f "/var/run/wireguard/$BT_A.sock" "/var/run/wireguard/$BT_B.sock"
+  if [[ -n ${PING_LOGS:-} ]]; then
+    mkdir -p "$PING_LOGS" && cp "$WORK"/*.log "$PING_LOGS"/ 2>/dev/null || log "could not copy the logs to $PING_LOGS"
+  fi
   rm -rf "$WORK"
   exit "$rc"
 }

@@ -576,6 +576,7 @@ fn status(state: &State) -> anyhow::Result<Status> {
         ("udp_tx_dropped", &c.udp_tx_dropped),
         ("forwarded", &c.forwarded),
         ("unrouted", &c.unrouted),
+        ("tun_rx_inline", &c.tun_rx_inline),
         ("io_errors", &c.io_errors),
     ]
     .into_iter()

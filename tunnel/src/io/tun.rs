@@ -378,6 +378,41 @@ impl TunDevice {
     /// (one system call per round, see [`uring`]), one `read(2)` each where it is
     /// unavailable.
     pub fn recv_batch(&self, batch: &mut TunRecvBatch) -> io::Result<usize> {
+        self.recv(batch, true)
+    }
+
+    /// As [`recv_batch`](Self::recv_batch), without waiting: `Ok(0)` when nothing is
+    /// queued. With [`wait_readable`](Self::wait_readable), a reader that must hold a
+    /// lock while it reads (and not while it waits) reads in two steps.
+    pub fn recv_queued(&self, batch: &mut TunRecvBatch) -> io::Result<usize> {
+        self.recv(batch, false)
+    }
+
+    /// Waits until the device has a packet to read, at most the read timeout (the
+    /// wait of [`recv_batch`](Self::recv_batch) when it finds nothing queued).
+    pub fn wait_readable(&self, batch: &mut TunRecvBatch) -> io::Result<()> {
+        let timeout = Duration::from_millis(self.read_timeout_ms.load(Ordering::Relaxed));
+        self.wait(batch, timeout)
+    }
+
+    fn wait(&self, batch: &mut TunRecvBatch, timeout: Duration) -> io::Result<()> {
+        // After a batch of many reads, wait through io_uring (see
+        // `BatchReader::wait_readable`: the packets queued meanwhile wake nothing);
+        // otherwise with poll(2), whose wakeup is quicker (median 16 against 33 µs in
+        // `bench_tun_wakeup`).
+        let fd = self.dev.as_raw_fd();
+        let loaded = std::mem::take(&mut batch.loaded);
+        match loaded
+            .then(|| batch.reader.wait_readable(fd, timeout))
+            .flatten()
+        {
+            Some(res) => res.map(drop),
+            None => poll_one(fd, libc::POLLIN, timeout).map(drop),
+        }
+        .ctx(|| format!("poll TUN device {}", self.name))
+    }
+
+    fn recv(&self, batch: &mut TunRecvBatch, wait: bool) -> io::Result<usize> {
         batch.count = 0;
         if !batch.absorb_pending() {
             batch.stats.packets += batch.count as u64;
@@ -429,6 +464,9 @@ impl TunDevice {
                         batch.loaded = reads_here >= LOADED_READS;
                         break;
                     }
+                    if !wait {
+                        return Ok(0);
+                    }
                     let now = Instant::now();
                     let timeout =
                         Duration::from_millis(self.read_timeout_ms.load(Ordering::Relaxed));
@@ -436,20 +474,7 @@ impl TunDevice {
                     if now >= until {
                         return Ok(0);
                     }
-                    // After a batch of many reads, wait through io_uring (see
-                    // `BatchReader::wait_readable`: the packets queued meanwhile wake
-                    // nothing); otherwise with poll(2), whose wakeup is quicker (median
-                    // 16 against 33 µs in `bench_tun_wakeup`).
-                    let fd = self.dev.as_raw_fd();
-                    let loaded = std::mem::take(&mut batch.loaded);
-                    match loaded
-                        .then(|| batch.reader.wait_readable(fd, until - now))
-                        .flatten()
-                    {
-                        Some(res) => res.map(drop),
-                        None => poll_one(fd, libc::POLLIN, until - now).map(drop),
-                    }
-                    .ctx(|| format!("poll TUN device {}", self.name))?;
+                    self.wait(batch, until - now)?;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {
                     if batch.count > 0 {
@@ -868,6 +893,12 @@ impl TunRecvBatch {
     /// Whether the last `recv_batch` returned nothing.
     pub fn is_empty(&self) -> bool {
         self.count == 0
+    }
+
+    /// Whether packets already read (segments of a split super-packet that did not
+    /// fit) wait for the next receive: they come before anything still queued.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
     }
 
     /// Cumulative counters.
@@ -1772,6 +1803,63 @@ mod tests {
                 &dev,
                 true,
             );
+        });
+    }
+
+    /// `recv_queued` returns at once when nothing is queued; `wait_readable` waits the
+    /// read timeout for a packet, or returns as one is queued.
+    fn queued_and_wait(dev: &TunDevice, mut batch: TunRecvBatch) {
+        dev.set_read_timeout(Duration::from_millis(60));
+        let mut timeouts = 0;
+        // The kernel's own IPv6 packets (MLD, router solicitations) may end a wait.
+        for _ in 0..20 {
+            while dev.recv_queued(&mut batch).unwrap() > 0 {}
+            let t = Instant::now();
+            assert_eq!(dev.recv_queued(&mut batch).unwrap(), 0);
+            assert!(t.elapsed() < Duration::from_millis(50), "{:?}", t.elapsed());
+            dev.wait_readable(&mut batch).unwrap();
+            let waited = t.elapsed();
+            if dev.recv_queued(&mut batch).unwrap() > 0 {
+                continue;
+            }
+            assert!(
+                waited >= Duration::from_millis(55) && waited < Duration::from_secs(2),
+                "{waited:?}"
+            );
+            timeouts += 1;
+            if timeouts == 2 {
+                break;
+            }
+        }
+        assert_eq!(timeouts, 2);
+        dev.set_read_timeout(Duration::from_secs(5));
+        let sender = std::thread::spawn(|| {
+            std::thread::sleep(Duration::from_millis(100));
+            StdUdp::bind((A4, 0))
+                .unwrap()
+                .send_to(b"wake up", (B4, 9999))
+                .unwrap();
+        });
+        let t = Instant::now();
+        let mut got = false;
+        while !got && t.elapsed() < Duration::from_secs(4) {
+            dev.wait_readable(&mut batch).unwrap();
+            while dev.recv_queued(&mut batch).unwrap() > 0 {
+                got |= batch.iter().any(|p| p.ends_with(b"wake up"));
+            }
+        }
+        sender.join().unwrap();
+        let took = t.elapsed();
+        assert!(got && took < Duration::from_secs(2), "{took:?}");
+    }
+
+    #[test]
+    fn tun_recv_queued_does_not_wait() {
+        in_netns("tun_recv_queued_does_not_wait", || {
+            for (name, offload) in [("flyrq0", false), ("flyrq1", true)] {
+                let dev = make(name, offload, 1400);
+                queued_and_wait(&dev, dev.new_recv_batch(IDEAL_BATCH_SIZE));
+            }
         });
     }
 
