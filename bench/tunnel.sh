@@ -2,7 +2,7 @@
 # Tunnel benchmark: flynode's mesh against the plain veth, boringtun-cli and wireguard-go,
 # all on the same topology, in one run. See usage() or README.md "## Benchmarks".
 #
-# Topology (rebuilt for every variant, removed at the end, also on Ctrl-C):
+# Topology (rebuilt for every run of every variant, removed at the end, also on Ctrl-C):
 #
 #   netns fnb-a-PID ("host A", edge)            netns fnb-b-PID ("host B", worker)
 #   veth-a 198.18.1.1/24  <---------- veth ---------->  veth-b 198.18.1.2/24
@@ -24,7 +24,9 @@ flynode. Prints a table (medians), the ratios flynode/boringtun-cli and PASS/FAI
 against the targets (>= 3x TCP, >= 3x delivered UDP at both sizes, ping no worse).
 
 Environment:
-  BENCH_RUNS=N       runs per measurement, the median is reported (default 3)
+  BENCH_RUNS=N       runs per measurement, the median is reported (default 3). The runs
+                     go round robin (run 1 of every variant, then run 2, ...), so the
+                     machine's drift falls on all variants alike
   BENCH_SECONDS=N    iperf3 duration per test (default 5)
   BENCH_PINGS=N      pings per idle-RTT measurement, 50 ms apart (default 20)
   BENCH_ONLY=LIST    comma-separated subset of plain,boringtun,wggo,flynode (default all)
@@ -355,6 +357,7 @@ wg_tunnel_up() { # KIND VARIANT_DIR
 # --- flynode -------------------------------------------------------------------------
 flynode_tunnel_up() { # VARIANT_DIR
   local vd=$1
+  rm -rf "${vd:?}/a" "${vd:?}/b" # a fresh pair of keys and configs for every run
   flynode_pair_files "$FLYNODE" "$vd" bench 51820 198.18.1 fd00:b:: 198.18.250 fly veth || return 1
   IF_A=fly-a IF_B=fly-b
   start_bg "$vd/a/flynode.log" taskset -c "$CPU_A" timeout -k 5 "$DAEMON_BUDGET" \
@@ -427,18 +430,15 @@ iperf_test() {
   stop_pid "$spid" 2
 }
 
-measure() { # VARIANT_DIR DST
-  local vd=$1 dst=$2 r
-  for ((r = 1; r <= RUNS; r++)); do
-    log "  run $r/$RUNS: ping, TCP, UDP 1392 B, UDP 64 B"
-    sleep 1 # let queues drain: the ping is of the idle mesh
-    run_fg "$vd/ping.$r.txt" "$vd/ping.$r.txt" taskset -c "$CPU_A" timeout -k 2 $((PINGS / 20 + 15)) \
-      ip netns exec "$NS_A" ping -c "$PINGS" -i 0.05 -q -W 1 "$dst" ||
-      log "    ping run $r failed: $(grep -m1 -E 'transmitted|ping:' "$vd/ping.$r.txt" || echo 'timed out')"
-    iperf_test tcp "$r" "$dst" "$vd"
-    iperf_test udp1392 "$r" "$dst" "$vd" -u -b 0 -l 1392 -w 4M
-    iperf_test udp64 "$r" "$dst" "$vd" -u -b 0 -l 64 -w 4M
-  done
+measure() { # VARIANT_DIR DST RUN
+  local vd=$1 dst=$2 r=$3
+  sleep 1 # let queues drain: the ping is of the idle mesh
+  run_fg "$vd/ping.$r.txt" "$vd/ping.$r.txt" taskset -c "$CPU_A" timeout -k 2 $((PINGS / 20 + 15)) \
+    ip netns exec "$NS_A" ping -c "$PINGS" -i 0.05 -q -W 1 "$dst" ||
+    log "    ping run $r failed: $(grep -m1 -E 'transmitted|ping:' "$vd/ping.$r.txt" || echo 'timed out')"
+  iperf_test tcp "$r" "$dst" "$vd"
+  iperf_test udp1392 "$r" "$dst" "$vd" -u -b 0 -l 1392 -w 4M
+  iperf_test udp64 "$r" "$dst" "$vd" -u -b 0 -l 64 -w 4M
 }
 
 # pins VARIANT_DIR: where each process may run, as the kernel sees it.
@@ -470,11 +470,19 @@ variant_name() {
   esac
 }
 
+# skip VARIANT_DIR WHY: this run of the variant could not be measured. The variant is
+# reported as skipped only if no run of it was measured.
+skip() {
+  [[ $(cat "$1/status" 2>/dev/null) == ok ]] || echo "skipped: $2" >"$1/status"
+}
+
+# run_variant VARIANT RUN: brings the variant's tunnel up on a fresh topology, measures
+# run RUN (ping, TCP, UDP 1392 B, UDP 64 B) and takes everything down again.
 run_variant() {
-  local v=$1 vd=$RES/$1
+  local v=$1 r=$2 vd=$RES/$1 failed=""
   mkdir -p "$vd"
   variant_name "$v" >"$vd/name"
-  log "== $(cat "$vd/name")"
+  log "== $(cat "$vd/name"), run $r/$RUNS"
   TUN_A="" TUN_B="" TOP_A="" TOP_B="" IF_A="" IF_B=""
   if [[ $v == flynode && -n $FLYNODE_SKIP ]]; then
     echo "skipped: $FLYNODE_SKIP" >"$vd/status"
@@ -486,33 +494,35 @@ run_variant() {
     plain) dst=198.18.1.2 ;;
     boringtun | wggo)
       if ! wg_tunnel_up "$v" "$vd"; then
-        echo "skipped: tunnel setup failed" >"$vd/status"
-        log "$v: tunnel setup failed; skipped"
+        failed="tunnel setup failed"
+        log "$v: tunnel setup failed; run $r skipped"
       elif ! ping_up "$dst" 10 "$TOP_A" "$TOP_B"; then
-        echo "skipped: mesh did not come up" >"$vd/status"
-        log "$v: mesh did not come up within 10 s; skipped. Logs:"
+        failed="mesh did not come up"
+        log "$v: mesh did not come up within 10 s; run $r skipped. Logs:"
         tail -n 10 "$vd/tunnel-a.log" "$vd/tunnel-b.log" | sed 's/^/    /' >&2
       fi ;;
     flynode)
       if ! flynode_tunnel_up "$vd"; then
-        echo "skipped: setup failed" >"$vd/status"
-        log "flynode: setup failed; skipped"
+        failed="setup failed"
+        log "flynode: setup failed; run $r skipped"
       elif ! ping_up "$dst" 10 "$TOP_A" "$TOP_B"; then
-        echo "skipped: mesh did not come up" >"$vd/status"
-        log "flynode: mesh did not come up (no ping 198.18.1.1 -> $dst over the mesh within 10 s); skipped"
+        failed="mesh did not come up"
+        log "flynode: mesh did not come up (no ping 198.18.1.1 -> $dst over the mesh within 10 s); run $r skipped"
         kill -0 "$TOP_A" 2>/dev/null || log "  (host A's daemon has exited)"
         kill -0 "$TOP_B" 2>/dev/null || log "  (host B's daemon has exited)"
         flynode_logs "$vd"
       fi ;;
   esac
-  if [[ ! -e $vd/status ]]; then
+  if [[ -n $failed ]]; then
+    skip "$vd" "$failed"
+  else
     if [[ $v != plain ]] && ! timeout 5 ip netns exec "$NS_A" ping -6 -c 2 -i 0.2 -W 1 -q fd00:b::2 >/dev/null 2>&1; then
       log "  warning: IPv6 over the mesh (fd00:b::1 -> fd00:b::2) does not answer; IPv4 is measured"
     fi
     pins "$vd"
-    sed 's/^/  pinned: /' "$vd/pins.txt" >&2
-    measure "$vd" "$dst"
-    # The tunnels' UDP sockets after the runs: buffer sizes and drops (skmem d) per socket.
+    [[ $r == 1 ]] && sed 's/^/  pinned: /' "$vd/pins.txt" >&2
+    measure "$vd" "$dst" "$r"
+    # The tunnels' UDP sockets after the run: buffer sizes and drops (skmem d) per socket.
     ip netns exec "$NS_A" ss -Huanmp >"$vd/sockets-a.txt" 2>/dev/null || true
     ip netns exec "$NS_B" ss -Huanmp >"$vd/sockets-b.txt" 2>/dev/null || true
     echo ok >"$vd/status"
@@ -537,7 +547,12 @@ fi
 } >"$RES/meta.json"
 
 started=$SECONDS
-for v in "${VARIANTS[@]}"; do run_variant "$v"; done
+# Round robin: run 1 of every variant, then run 2 of every variant, ... so that the
+# machine's drift (its speed moves by a third within an hour) falls on all variants
+# alike instead of on whichever was measured last.
+for ((r = 1; r <= RUNS; r++)); do
+  for v in "${VARIANTS[@]}"; do run_variant "$v" "$r"; done
+done
 log "measured in $((SECONDS - started)) s"
 
 rc=0
