@@ -284,6 +284,7 @@ def main():
     bt = variants.get("boringtun")
     fly = variants.get("flynode")
     ratios = {}
+    ratios_per_run = {}
     verdicts = {}
 
     def ratio(r, key):
@@ -304,6 +305,21 @@ def main():
             rrows.append([f"{r['name']} / boringtun-cli"] + [fmt(vals[k], 2, "x") for k in vals])
         if rrows:
             print(table(rrows, ["ratio", "TCP", "UDP1392", "UDP64", "ping RTT (lower is better)"]))
+        if fly and fly["status"] == "ok":
+            # Run r of flynode and of boringtun-cli were measured within minutes of each
+            # other (bench/tunnel.sh goes round robin): the spread of these paired ratios
+            # is the benchmark's own noise.
+            for k in ("tcp_gbps", "udp1392_gbps", "udp64_mpps", "ping_ms"):
+                ratios_per_run[k] = [
+                    a / b if a is not None and b else None for a, b in zip(fly["samples"][k], bt["samples"][k])
+                ]
+            print(
+                "flynode / boringtun-cli per run (paired): "
+                + "  ".join(
+                    f"{label} " + ",".join(fmt(x, 2, "x") for x in ratios_per_run[k])
+                    for label, k in (("TCP", "tcp_gbps"), ("UDP1392", "udp1392_gbps"), ("UDP64", "udp64_mpps"), ("ping", "ping_ms"))
+                )
+            )
 
     why_na = None
     if not fly:
@@ -379,7 +395,13 @@ def main():
         )
         print(f"    runs     {per_run}")
 
-    result = {"meta": meta, "variants": variants, "ratios_vs_boringtun": ratios, "targets": verdicts}
+    result = {
+        "meta": meta,
+        "variants": variants,
+        "ratios_vs_boringtun": ratios,
+        "ratios_vs_boringtun_per_run": ratios_per_run,
+        "targets": verdicts,
+    }
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
