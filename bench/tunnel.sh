@@ -42,6 +42,10 @@ Environment:
                      host B's receive path (and flynode B's XDP program) runs on CPU0.
                      With 1 every packet crosses CPUs through a backlog and an IPI,
                      which costs per-packet senders (plain veth, boringtun-cli) most
+  BENCH_PERF=DIR     record the machine's profile (perf record -a -g) during flynode's first
+                     run of each test into DIR/flynode-TEST.perf.data; e.g. perf report -i
+                     DIR/flynode-udp1392.perf.data --no-children --sort cpu,comm,sym
+                     (perf's own work slows that run: use BENCH_RUNS=3 and the median)
   BENCH_STRICT=1     exit 1 if a target is missed or flynode could not be measured
   BENCH_KEEP=1       keep the work directory (logs, raw iperf3 JSON) instead of removing it
 
@@ -61,6 +65,7 @@ SECS=${BENCH_SECONDS:-5}
 ONLY=${BENCH_ONLY:-plain,boringtun,wggo,flynode}
 OUT=${BENCH_OUT:-}
 RPS=${BENCH_RPS:-0}
+PERF_DIR=${BENCH_PERF:-}
 PINGS=${BENCH_PINGS:-20}
 CPU_A=0 # host A: edge side
 CPU_B=1 # host B: worker side
@@ -100,6 +105,11 @@ export PATH="$HOME/.cargo/bin:$PATH"
 need() { command -v "$1" >/dev/null || die "$1 not found${2:+: $2}"; }
 for t in ip taskset timeout ping ss flock getconf awk; do need "$t" "install iproute2/util-linux/coreutils/iputils-ping"; done
 PYTHON=/usr/bin/python3
+if [[ -n $PERF_DIR ]]; then
+  need perf "BENCH_PERF needs perf: apt-get install linux-perf"
+  mkdir -p "$PERF_DIR" || die "BENCH_PERF: cannot create $PERF_DIR"
+  PERF_DIR=$(cd "$PERF_DIR" && pwd)
+fi
 [[ -x $PYTHON ]] || PYTHON=$(command -v python3) || die "python3 not found"
 if want boringtun || want wggo; then need wg "run scripts/setup.sh (installs wireguard-tools)"; fi
 if want wggo; then need wireguard-go "run scripts/setup.sh (installs wireguard-go)"; fi
@@ -413,10 +423,19 @@ iperf_test() {
     return 0
   fi
   snap "$base.pre"
+  # BENCH_PERF: the whole machine's profile in the middle of flynode's first run of each
+  # test (1 s in, SECS - 2 s long; bounded by its own sleep).
+  local perf_pid=""
+  if [[ -n $PERF_DIR && $run == 1 && $(basename "$vd") == flynode ]]; then
+    (sleep 1 && exec perf record -a -g -o "$PERF_DIR/flynode-$test.perf.data" -- sleep $((SECS > 3 ? SECS - 2 : 1))) \
+      >"$PERF_DIR/flynode-$test.perf.log" 2>&1 &
+    perf_pid=$!
+  fi
   run_fg "$base.json" "$base.err" taskset -c "$CPU_A" timeout -k 2 $((SECS + 25)) \
     ip netns exec "$NS_A" iperf3 -c "$dst" -p "$IPERF_PORT" -t "$SECS" -J --connect-timeout 3000 "$@" ||
     rc=$?
   snap "$base.post"
+  if [[ -n $perf_pid ]]; then wait "$perf_pid" || log "    perf record failed: see $PERF_DIR/flynode-$test.perf.log"; fi
   # iperf3 -J can exit 0 after a failure: the JSON's "error" says so.
   local why
   why=$("$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1])).get("error",""))' "$base.json" 2>/dev/null ||
