@@ -227,6 +227,8 @@ def fmt(x, digits, suffix=""):
     return "—" if x is None else f"{x:.{digits}f}{suffix}"
 
 
+RATIO_KEYS = [("TCP", "tcp_gbps"), ("UDP1392", "udp1392_gbps"), ("UDP64", "udp64_mpps"), ("ping", "ping_ms")]
+
 COLUMNS = [  # header, median key, digits, suffix
     ("TCP Gbps", "tcp_gbps", 2, ""),
     ("UDP1392 Gbps", "udp1392_gbps", 2, ""),
@@ -287,11 +289,13 @@ def main():
     ratios_per_run = {}
     verdicts = {}
 
+    def div(a, b):
+        return a / b if a is not None and b else None
+
     def ratio(r, key):
         if not r or r["status"] != "ok" or not bt or bt["status"] != "ok":
             return None
-        a, b = r["median"][key], bt["median"][key]
-        return a / b if a is not None and b else None
+        return div(r["median"][key], bt["median"][key])
 
     if bt and bt["status"] == "ok":
         print()
@@ -299,7 +303,7 @@ def main():
         for v, r in variants.items():
             if v == "boringtun" or r["status"] != "ok":
                 continue
-            vals = {k: ratio(r, k) for k in ("tcp_gbps", "udp1392_gbps", "udp64_mpps", "ping_ms")}
+            vals = {k: ratio(r, k) for _, k in RATIO_KEYS}
             if v == "flynode":
                 ratios = vals
             rrows.append([f"{r['name']} / boringtun-cli"] + [fmt(vals[k], 2, "x") for k in vals])
@@ -309,16 +313,11 @@ def main():
             # Run r of flynode and of boringtun-cli were measured within minutes of each
             # other (bench/tunnel.sh goes round robin): the spread of these paired ratios
             # is the benchmark's own noise.
-            for k in ("tcp_gbps", "udp1392_gbps", "udp64_mpps", "ping_ms"):
-                ratios_per_run[k] = [
-                    a / b if a is not None and b else None for a, b in zip(fly["samples"][k], bt["samples"][k])
-                ]
+            for _, k in RATIO_KEYS:
+                ratios_per_run[k] = [div(a, b) for a, b in zip(fly["samples"][k], bt["samples"][k])]
             print(
                 "flynode / boringtun-cli per run (paired): "
-                + "  ".join(
-                    f"{label} " + ",".join(fmt(x, 2, "x") for x in ratios_per_run[k])
-                    for label, k in (("TCP", "tcp_gbps"), ("UDP1392", "udp1392_gbps"), ("UDP64", "udp64_mpps"), ("ping", "ping_ms"))
-                )
+                + "  ".join(f"{label} " + ",".join(fmt(x, 2, "x") for x in ratios_per_run[k]) for label, k in RATIO_KEYS)
             )
 
     why_na = None

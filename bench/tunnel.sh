@@ -105,12 +105,12 @@ export PATH="$HOME/.cargo/bin:$PATH"
 need() { command -v "$1" >/dev/null || die "$1 not found${2:+: $2}"; }
 for t in ip taskset timeout ping ss flock getconf awk; do need "$t" "install iproute2/util-linux/coreutils/iputils-ping"; done
 PYTHON=/usr/bin/python3
+[[ -x $PYTHON ]] || PYTHON=$(command -v python3) || die "python3 not found"
 if [[ -n $PERF_DIR ]]; then
   need perf "BENCH_PERF needs perf: apt-get install linux-perf"
   mkdir -p "$PERF_DIR" || die "BENCH_PERF: cannot create $PERF_DIR"
   PERF_DIR=$(cd "$PERF_DIR" && pwd)
 fi
-[[ -x $PYTHON ]] || PYTHON=$(command -v python3) || die "python3 not found"
 if want boringtun || want wggo; then need wg "run scripts/setup.sh (installs wireguard-tools)"; fi
 if want wggo; then need wireguard-go "run scripts/setup.sh (installs wireguard-go)"; fi
 
