@@ -27,16 +27,21 @@ use super::{GSO_UDP_L4, MAX_IP_PACKET, PktBuf, Queued, VIRTIO_NET_HDR_F_NEEDS_CS
 pub(super) const MAX_SEGMENTS: usize = 64;
 /// Flows with a run open at once; one more closes the oldest run.
 const OPEN_RUNS: usize = 8;
-/// Bytes of a flow key: IPv6 version/class/label (4), hop limit (1), addresses (32),
-/// ports (4).
-const KEY_BYTES: usize = 41;
+/// Bytes of a flow's identity: IP version (1), addresses (32), ports (4).
+const FLOW_BYTES: usize = 37;
+/// Bytes of the header fields that must also match for a datagram to join a run: IPv4
+/// TOS, DF and TTL; IPv6 version/class/label word (4) and hop limit (1).
+const ATTR_BYTES: usize = 5;
 
 /// A UDP datagram that can be part of a run.
 struct Datagram {
     /// IP header length: 20 (IPv4) or 40 (IPv6).
     ip_len: usize,
     payload: usize,
-    key: [u8; KEY_BYTES],
+    /// Which flow it belongs to: the key open runs are looked up by.
+    flow: [u8; FLOW_BYTES],
+    /// What else must match the run's first datagram to join it.
+    attrs: [u8; ATTR_BYTES],
 }
 
 /// Whether `pkt` (an IP packet) is UDP: such packets are all handled here, so that the
@@ -50,7 +55,8 @@ pub(super) fn is_udp(pkt: &[u8]) -> bool {
 }
 
 fn parse(pkt: &[u8]) -> Option<Datagram> {
-    let mut key = [0u8; KEY_BYTES];
+    let mut flow = [0u8; FLOW_BYTES];
+    let mut attrs = [0u8; ATTR_BYTES];
     let ip_len = match pkt.first()? >> 4 {
         4 => {
             // No options; not a fragment (MF clear, offset 0); lengths agree.
@@ -62,11 +68,11 @@ fn parse(pkt: &[u8]) -> Option<Datagram> {
             {
                 return None;
             }
-            key[0] = 4;
-            key[1] = pkt[1]; // TOS
-            key[2] = pkt[6] & 0x40; // DF
-            key[3] = pkt[8]; // TTL
-            key[4..16].copy_from_slice(&pkt[12..24]); // addresses, ports
+            flow[0] = 4;
+            flow[1..13].copy_from_slice(&pkt[12..24]); // addresses, ports
+            attrs[0] = pkt[1]; // TOS
+            attrs[1] = pkt[6] & 0x40; // DF
+            attrs[2] = pkt[8]; // TTL
             20
         }
         6 => {
@@ -76,9 +82,10 @@ fn parse(pkt: &[u8]) -> Option<Datagram> {
             if usize::from(u16::from_be_bytes([pkt[4], pkt[5]])) != pkt.len() - 40 {
                 return None;
             }
-            key[..4].copy_from_slice(&pkt[..4]); // version, class, flow label
-            key[4] = pkt[7]; // hop limit
-            key[5..41].copy_from_slice(&pkt[8..44]); // addresses, ports
+            flow[0] = 6;
+            flow[1..37].copy_from_slice(&pkt[8..44]); // addresses, ports
+            attrs[..4].copy_from_slice(&pkt[..4]); // version, class, flow label
+            attrs[4] = pkt[7]; // hop limit
             40
         }
         _ => return None,
@@ -90,7 +97,8 @@ fn parse(pkt: &[u8]) -> Option<Datagram> {
     Some(Datagram {
         ip_len,
         payload: udp_len - 8,
-        key,
+        flow,
+        attrs,
     })
 }
 
@@ -99,11 +107,12 @@ struct Run {
     head: usize,
     /// Its entry in the write queue.
     queued: usize,
-    /// IP header length: 20 (IPv4) or 40 (IPv6); the key tells the versions apart.
+    /// IP header length: 20 (IPv4) or 40 (IPv6); the flow tells the versions apart.
     ip_len: usize,
     gso_size: usize,
     count: usize,
-    key: [u8; KEY_BYTES],
+    flow: [u8; FLOW_BYTES],
+    attrs: [u8; ATTR_BYTES],
 }
 
 /// The runs open while coalescing one batch; kept with the batch so that coalescing
@@ -132,9 +141,13 @@ impl UdpGro {
                 single(&mut bufs[j], base + j, queued);
                 continue;
             };
-            if let Some(at) = open.iter().position(|r| r.key == d.key) {
+            // Runs are found by flow alone: a datagram of the flow that cannot join its
+            // open run (another TTL, ECN mark, a larger size) closes it, as Linux's GRO
+            // flushes the flow, so that no later datagram of the flow can join the
+            // older run and overtake it.
+            if let Some(at) = open.iter().position(|r| r.flow == d.flow) {
                 let run = &mut open[at];
-                if append(bufs, run, j, &d) {
+                if run.attrs == d.attrs && append(bufs, run, j, &d) {
                     if d.payload < run.gso_size || run.count == MAX_SEGMENTS {
                         let run = open.swap_remove(at);
                         finish(bufs, &run, queued);
@@ -158,7 +171,8 @@ impl UdpGro {
                 ip_len: d.ip_len,
                 gso_size: d.payload,
                 count: 1,
-                key: d.key,
+                flow: d.flow,
+                attrs: d.attrs,
             });
         }
         for run in open.drain(..) {
@@ -425,6 +439,54 @@ mod tests {
         assert_eq!(writes, 7);
     }
 
+    /// Sets an IPv4 test packet's TTL and TOS, and its header checksum to match.
+    fn v4_ttl_tos(mut p: Vec<u8>, ttl: u8, tos: u8) -> Vec<u8> {
+        p[8] = ttl;
+        p[1] = tos;
+        p[10..12].fill(0);
+        let hc = !ones_sum(&p[..20], 0);
+        p[10..12].copy_from_slice(&hc.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn a_datagram_that_cannot_join_its_flows_run_is_never_overtaken() {
+        // The fuzzing run's find: 1200/TTL 64, 1200/TTL 63, 1000/TTL 64 of one flow
+        // came out 1200/64, 1000/64, 1200/63 when runs were looked up by the whole key.
+        let (a, b) = (Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 9, 9, 9));
+        let pkts = vec![
+            v4_ttl_tos(ipv4_udp(a, 1000, b, 53, &[1; 1200]), 64, 0),
+            v4_ttl_tos(ipv4_udp(a, 1000, b, 53, &[2; 1200]), 63, 0),
+            v4_ttl_tos(ipv4_udp(a, 1000, b, 53, &[3; 1000]), 64, 0),
+        ];
+        let (got, writes) = roundtrip(&pkts);
+        assert!(got == per_flow(&pkts), "order within the flow");
+        assert_eq!(writes, 3);
+        // An ECN mark flipping on a QUIC flow does the same.
+        let mut pkts = Vec::new();
+        for (i, tos) in [0u8, 0, 1, 1, 0, 2, 0].into_iter().enumerate() {
+            pkts.push(v4_ttl_tos(
+                ipv4_udp(a, 443, b, 443, &[i as u8; 1200]),
+                64,
+                tos,
+            ));
+        }
+        let (got, writes) = roundtrip(&pkts);
+        assert!(got == per_flow(&pkts), "order within the flow");
+        // [0 0] [1 1] [0] [2] [0]
+        assert_eq!(writes, 5);
+        // And IPv6: a hop limit or traffic class change closes the run.
+        let mut pkts = Vec::new();
+        for (i, hop) in [64u8, 63, 64, 64].into_iter().enumerate() {
+            let mut p = ipv6_udp(A6, 7000, B6, 53, &[i as u8; 900]);
+            p[7] = hop;
+            pkts.push(p);
+        }
+        let (got, writes) = roundtrip(&pkts);
+        assert!(got == per_flow(&pkts), "order within the flow");
+        assert_eq!(writes, 3);
+    }
+
     #[test]
     fn many_flows_and_random_batches() {
         let mut rng = Rng(0x5eed_0bad_cafe);
@@ -440,7 +502,13 @@ mod tests {
                     }
                     let payload = vec![i as u8; sizes[usize::from(f)]];
                     if f.is_multiple_of(2) {
-                        ipv4_udp(A4, 4000 + f, B4, 53, &payload)
+                        // Now and then another TTL or ECN mark within the flow.
+                        let (ttl, tos) = match rng.below(16) {
+                            0 => (63, 0),
+                            1 => (64, 1),
+                            _ => (64, 0),
+                        };
+                        v4_ttl_tos(ipv4_udp(A4, 4000 + f, B4, 53, &payload), ttl, tos)
                     } else {
                         ipv6_udp(A6, 4000 + f, B6, 53, &payload)
                     }
