@@ -29,6 +29,42 @@ pub enum KeyError {
     InsecureDir { path: PathBuf, mode: u32 },
 
     #[error(
+        "key directory {path} is a symbolic link; point the config's key_dir at the real \
+         directory (a link can be re-pointed by whoever owns the directory it is in)"
+    )]
+    SymlinkedDir { path: PathBuf },
+
+    #[error(
+        "{what} {path} belongs to uid {owner}, not to uid {euid} that flynode runs as; \
+         that user can read or replace the key: `chown {euid} {path}` if it is yours, \
+         and rotate the key if anyone else may have had it"
+    )]
+    ForeignOwner {
+        path: PathBuf,
+        what: &'static str,
+        owner: u32,
+        euid: u32,
+    },
+
+    #[error(
+        "private key file {path} has {links} names (hard links); the key can be read through \
+         the others, and survives our wiping it: remove the other links (`find / -samefile \
+         {path}`) and rotate the key"
+    )]
+    HardLinked { path: PathBuf, links: u64 },
+
+    #[error(
+        "key directory {path} is not safe: {ancestor} above it is not ({reason}), so it \
+         can be swapped for another directory; move the keys to a directory whose \
+         ancestors only root (or this user) can change, such as /var/lib/flynode/keys"
+    )]
+    UnsafeAncestor {
+        path: PathBuf,
+        ancestor: PathBuf,
+        reason: String,
+    },
+
+    #[error(
         "private key file {path} has mode {mode:04o}, readable by group or others; \
          fix it with `chmod 600 {path}` (and rotate the key if anyone else may have read it)"
     )]

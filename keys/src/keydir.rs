@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use crate::atomic::{fsync_dir, parent_dir, scrub_unlinked, write_atomic};
 use crate::error::KeyError;
 use crate::keyfile::{LoadedKey, open_for_scrub, read_key_file};
+use crate::ownership::{check_ancestors, check_owner};
 use crate::private::PrivateKey;
 use crate::public::PublicKey;
 use crate::state::{
@@ -58,7 +59,7 @@ impl KeyDir {
     /// the keys, and the operator needs to know.
     pub fn create(path: impl AsRef<Path>) -> Result<Self, KeyError> {
         let path = path.as_ref();
-        match fs::metadata(path) {
+        match fs::symlink_metadata(path) {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 DirBuilder::new()
@@ -73,10 +74,12 @@ impl KeyDir {
         Self::open(path)
     }
 
-    /// Opens an existing key directory; same permission check as [`KeyDir::create`].
+    /// Opens an existing key directory; same permission check as [`KeyDir::create`], and
+    /// the directory must be ours, not a symbolic link, and in ancestors only root or we
+    /// can change (see `ownership`).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, KeyError> {
         let path = path.as_ref();
-        let meta = match fs::metadata(path) {
+        let meta = match fs::symlink_metadata(path) {
             Ok(meta) => meta,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(KeyError::DirMissing {
@@ -85,11 +88,17 @@ impl KeyDir {
             }
             Err(e) => return Err(KeyError::io("stat key directory", path, e)),
         };
+        if meta.file_type().is_symlink() {
+            return Err(KeyError::SymlinkedDir {
+                path: path.to_owned(),
+            });
+        }
         if !meta.is_dir() {
             return Err(KeyError::NotADirectory {
                 path: path.to_owned(),
             });
         }
+        check_owner(path, "key directory", &meta)?;
         let mode = meta.mode() & 0o7777;
         if mode & 0o077 != 0 {
             return Err(KeyError::InsecureDir {
@@ -97,6 +106,7 @@ impl KeyDir {
                 mode,
             });
         }
+        check_ancestors(path)?;
         Ok(Self {
             path: path.to_owned(),
         })

@@ -420,3 +420,116 @@ fn concurrent_rotations_are_serialised() {
         ["previous.key", "private.key", "state.json"]
     );
 }
+
+/// Another user's uid for ownership tests; `None` (the test is skipped, saying so) when
+/// this process cannot chown, i.e. is not root. CI runs the tests as root.
+fn other_uid() -> Option<u32> {
+    if crate::ownership::euid() == 0 {
+        Some(65534)
+    } else {
+        eprintln!("skipped: chown to another user needs root");
+        None
+    }
+}
+
+#[test]
+fn a_key_file_owned_by_another_user_is_refused_even_at_0600() {
+    let Some(uid) = other_uid() else { return };
+    let (_tmp, dir) = keydir();
+    dir.generate(false).unwrap();
+    let path = dir.private_key_path();
+    std::os::unix::fs::chown(&path, Some(uid), None).unwrap();
+    assert_eq!(mode_of(&path), 0o600);
+    let err = dir.load_current().unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, KeyError::ForeignOwner { owner, what: "private key file", .. } if owner == uid),
+        "{msg}"
+    );
+    assert!(msg.contains(&path.display().to_string()), "{msg}");
+    assert!(msg.contains("uid 65534"), "{msg}");
+}
+
+#[test]
+fn a_key_directory_owned_by_another_user_is_refused_even_at_0700() {
+    let Some(uid) = other_uid() else { return };
+    let (_tmp, dir) = keydir();
+    std::os::unix::fs::chown(dir.path(), Some(uid), None).unwrap();
+    let err = KeyDir::open(dir.path()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            KeyError::ForeignOwner {
+                what: "key directory",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // An ancestor owned by another user can swap the directory just the same.
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = tmp.path().join("theirs/keys");
+    KeyDir::create(&keys).unwrap();
+    std::os::unix::fs::chown(tmp.path().join("theirs"), Some(uid), None).unwrap();
+    let err = KeyDir::open(&keys).unwrap_err();
+    assert!(
+        matches!(&err, KeyError::UnsafeAncestor { ancestor, .. } if ancestor.ends_with("theirs")),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_hard_linked_key_file_is_refused() {
+    let (tmp, dir) = keydir();
+    dir.generate(false).unwrap();
+    let other = tmp.path().join("copy.key");
+    fs::hard_link(dir.private_key_path(), &other).unwrap();
+    let err = dir.load_current().unwrap_err();
+    assert!(
+        matches!(err, KeyError::HardLinked { links: 2, .. }),
+        "{err}"
+    );
+    fs::remove_file(&other).unwrap();
+    assert!(dir.load_current().is_ok(), "one name again: accepted");
+}
+
+#[test]
+fn a_symlinked_key_directory_is_refused_not_followed() {
+    let (tmp, dir) = keydir();
+    dir.generate(false).unwrap();
+    let link = tmp.path().join("keys-link");
+    std::os::unix::fs::symlink(dir.path(), &link).unwrap();
+    for result in [KeyDir::open(&link), KeyDir::create(&link)] {
+        let err = result.unwrap_err();
+        assert!(matches!(err, KeyError::SymlinkedDir { .. }), "{err}");
+        assert!(err.to_string().contains("keys-link"), "{err}");
+    }
+}
+
+#[test]
+fn a_key_directory_under_a_world_writable_parent_needs_the_sticky_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let parent = tmp.path().join("shared");
+    let keys = parent.join("keys");
+    KeyDir::create(&keys).unwrap();
+    for (mode, safe) in [
+        (0o777, false),
+        (0o775, false),
+        (0o1777, true),
+        (0o755, true),
+    ] {
+        fs::set_permissions(&parent, Permissions::from_mode(mode)).unwrap();
+        let got = KeyDir::open(&keys);
+        if safe {
+            assert!(got.is_ok(), "{mode:o}: {:?}", got.err());
+            continue;
+        }
+        let err = got.unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(&err, KeyError::UnsafeAncestor { ancestor, .. } if *ancestor == fs::canonicalize(&parent).unwrap()),
+            "{mode:o}: {msg}"
+        );
+        assert!(msg.contains(&format!("{mode:04o}")), "{msg}");
+    }
+}

@@ -8,6 +8,7 @@ use std::path::Path;
 use zeroize::Zeroizing;
 
 use crate::error::KeyError;
+use crate::ownership::{check_links, check_owner};
 use crate::private::PrivateKey;
 
 /// A valid key file is 45 bytes; anything much longer is not a key, and reading it
@@ -23,8 +24,9 @@ pub(crate) struct LoadedKey {
 
 /// Reads a private key file; `Ok(None)` if it does not exist.
 ///
-/// Refuses symlinks, non-regular files and files group or others can access: a key that
-/// others could read must be treated as leaked, so we stop rather than run with it.
+/// Refuses symlinks, non-regular files, files group or others can access, files another
+/// user owns and files with a second name: a key that others could read must be treated
+/// as leaked, so we stop rather than run with it.
 pub(crate) fn read_key_file(path: &Path) -> Result<Option<LoadedKey>, KeyError> {
     // lstat first so that opening a FIFO or device never happens; the checks are repeated
     // on the open descriptor below, which is what closes the race.
@@ -47,6 +49,8 @@ pub(crate) fn read_key_file(path: &Path) -> Result<Option<LoadedKey>, KeyError> 
     };
     let meta = file.metadata().map_err(|e| KeyError::io("stat", path, e))?;
     check_type(path, meta.file_type())?;
+    check_owner(path, "private key file", &meta)?;
+    check_links(path, &meta)?;
     let mode = meta.mode() & 0o7777;
     if mode & 0o077 != 0 {
         return Err(KeyError::InsecureKeyFile {

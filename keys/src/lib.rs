@@ -13,6 +13,7 @@ mod atomic;
 mod error;
 mod keydir;
 mod keyfile;
+mod ownership;
 mod private;
 mod public;
 mod state;
