@@ -136,25 +136,32 @@ impl BatchWriter {
                         .build()
                         .user_data(k as u64);
                     // SAFETY: the buffer `p` borrows outlives this call, and the call
-                    // waits below for the completion of every entry it submits. The
+                    // waits below (`reap`) for the completion of every entry the kernel
+                    // takes, also when io_uring_enter fails. The
                     // queue is empty here (every earlier round was reaped) and `count`
                     // is at most its size, so the push cannot fail.
                     unsafe { sq.push(&entry) }.expect("submission queue has room");
                 }
             }
-            let reaped = reap(ring, count, |_| true, &mut |k, r| {
-                done(
-                    first + k as usize,
-                    if r >= 0 { Ok(r as usize) } else { Err(-r) },
-                );
-            });
-            if let Err(e) = reaped {
-                // io_uring_enter itself failed (not a write): `reap` waited for the
-                // entries without submitting more; finish this batch (and the next ones)
-                // with write(2).
-                tracing::warn!(error = %e, "io_uring_enter failed; TUN writes fall back to write(2)");
+            let reaped = reap(
+                ring,
+                count,
+                |_| true,
+                &mut |k, r| {
+                    done(
+                        first + k as usize,
+                        if r >= 0 { Ok(r as usize) } else { Err(-r) },
+                    );
+                },
+                submit_and_wait,
+            );
+            if let Err(f) = reaped {
+                // io_uring_enter itself failed (not a write): `reap` waited for every
+                // write the kernel took; the rest of the batch, from the first write it
+                // never took, goes out with write(2), in order.
+                tracing::warn!(error = %f.error, "io_uring_enter failed; TUN writes fall back to write(2)");
                 self.ring = Ring::Unavailable;
-                for i in first + count..n {
+                for i in first + count - f.untaken..n {
                     done(i, write_retrying(fd, packet(i)));
                 }
                 return;
@@ -271,8 +278,9 @@ impl BatchReader {
                     .build()
                     .user_data(k as u64);
                 // SAFETY: `bufs` stays mutably borrowed for this whole call, which waits
-                // below for the completion of every entry it submits (or, on failure,
-                // drains them), so the kernel writes only into live, unaliased buffers.
+                // below (`reap`) for the completion of every entry the kernel takes, also
+                // when io_uring_enter fails, so the kernel writes only into live,
+                // unaliased buffers.
                 // The queue is empty here and `count` is at most its size.
                 unsafe { sq.push(&entry) }.expect("submission queue has room");
             }
@@ -286,8 +294,15 @@ impl BatchReader {
             _ => *poll_armed = false,
         };
         // The readiness poll does not count towards the round's completions.
-        if let Err(e) = reap(ring, count, |tag| tag != POLL_TAG, &mut record) {
-            tracing::warn!(error = %e, "io_uring_enter failed; TUN reads fall back to read(2)");
+        // Reads the kernel never took keep their -EAGAIN: nothing was read into them.
+        if let Err(f) = reap(
+            ring,
+            count,
+            |tag| tag != POLL_TAG,
+            &mut record,
+            submit_and_wait,
+        ) {
+            tracing::warn!(error = %f.error, "io_uring_enter failed; TUN reads fall back to read(2)");
             self.ring = Ring::Unavailable;
         }
         if results.iter().all(|&r| r == -libc::EOPNOTSUPP) {
@@ -318,39 +333,54 @@ fn restricted_ring(ops: &[u8]) -> io::Result<IoUring> {
     Ok(ring)
 }
 
-/// Reaps up to `left` outstanding completions, for up to a second (the writes were
-/// issued inline; this only matters if a kernel punted one to a worker). Writes still
-/// outstanding after that are not reported.
 /// Submits what is queued on `ring` and reaps until `count` completions that `counted`
 /// accepts (by `user_data`) have come, handing each completion to `on(user_data,
-/// result)`. If io_uring_enter itself fails (not EINTR), nothing can be assumed about
-/// the entries: it waits for the rest without submitting more (up to a second, the
-/// kernel owning their buffers until then) and returns the error, for the caller to
-/// fall back to plain system calls.
+/// result)`. `enter` is io_uring_enter: [`submit_and_wait`] outside tests.
+///
+/// The kernel owns the buffer of every entry it has taken from the submission queue
+/// until that entry's completion is posted, and the callers reuse their buffers as soon
+/// as this returns, so it never returns while such an entry is outstanding. If
+/// io_uring_enter itself fails (not EINTR), it submits nothing more and watches the
+/// completion queue, which the kernel fills in shared memory without being called,
+/// until every entry the kernel took has completed, however long that takes (TUN reads
+/// with RWF_NOWAIT and TUN writes complete inline, so in practice at once). Entries the
+/// kernel never took stay in the submission queue and are discarded with the ring; the
+/// error says how many of the round's last entries that is, for the caller to do their
+/// work with plain system calls.
 fn reap(
     ring: &mut IoUring,
     count: usize,
     counted: impl Fn(u64) -> bool,
     on: &mut impl FnMut(u64, i32),
-) -> io::Result<()> {
+    mut enter: impl FnMut(&mut IoUring, usize) -> io::Result<usize>,
+) -> Result<(), RoundFailed> {
     let mut reaped = 0;
-    // The error, and until when to wait for the entries after it.
-    let mut failed: Option<(io::Error, std::time::Instant)> = None;
+    let mut failed: Option<RoundFailed> = None;
+    let mut waiting_since: Option<std::time::Instant> = None;
     while reaped < count {
-        let want = match &failed {
-            None => count - reaped,
-            Some((_, until)) if std::time::Instant::now() < *until => 1,
-            Some(_) => break,
-        };
-        if let Err(e) = ring.submitter().submit_and_wait(want)
-            && e.raw_os_error() != Some(libc::EINTR)
-        {
-            if failed.is_some() {
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            } else {
-                let until = std::time::Instant::now() + std::time::Duration::from_secs(1);
-                failed = Some((e, until));
-                continue;
+        match &failed {
+            None => match enter(ring, count - reaped) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(error) => {
+                    // Without SQPOLL the kernel takes entries only inside io_uring_enter:
+                    // what is still queued now it will never see.
+                    let untaken = ring.submission().len();
+                    failed = Some(RoundFailed { error, untaken });
+                }
+            },
+            Some(f) if reaped + f.untaken >= count => break,
+            Some(f) => {
+                let since = *waiting_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() >= Duration::from_secs(1) {
+                    tracing::warn!(
+                        error = %f.error,
+                        outstanding = count - reaped - f.untaken,
+                        "io_uring_enter failed with entries in flight; waiting for their completions before their buffers are reused"
+                    );
+                    waiting_since = Some(std::time::Instant::now());
+                }
+                std::thread::sleep(Duration::from_millis(1));
             }
         }
         for cqe in ring.completion() {
@@ -360,7 +390,20 @@ fn reap(
             on(cqe.user_data(), cqe.result());
         }
     }
-    failed.map_or(Ok(()), |(e, _)| Err(e))
+    failed.map_or(Ok(()), Err)
+}
+
+/// io_uring_enter: submits what is queued and waits for `want` completions.
+fn submit_and_wait(ring: &mut IoUring, want: usize) -> io::Result<usize> {
+    ring.submitter().submit_and_wait(want)
+}
+
+/// A round whose io_uring_enter failed: the error, and how many of the round's last
+/// entries the kernel never took (so never ran).
+#[derive(Debug)]
+struct RoundFailed {
+    error: io::Error,
+    untaken: usize,
 }
 
 fn write_retrying(fd: RawFd, p: &[u8]) -> Result<usize, i32> {
@@ -549,6 +592,90 @@ mod tests {
                 (2, Err(libc::EPIPE))
             ]
         );
+    }
+
+    /// io_uring_enter fails after the kernel took a read that has not completed: the
+    /// read's buffer is the kernel's until its completion, so the round must not end
+    /// before it (the old code gave up after a second and let the caller reuse the
+    /// buffer under the kernel).
+    #[test]
+    fn a_failed_enter_still_waits_for_what_the_kernel_took() {
+        let (rx, tx) = pipe(); // blocking: the read waits for data inside the kernel
+        let mut ring = restricted_ring(&[opcode::Read::CODE]).expect("ring");
+        let mut buf = [0u8; 8];
+        let entry = opcode::Read::new(types::Fd(rx.as_raw_fd()), buf.as_mut_ptr(), 8)
+            .build()
+            .user_data(0);
+        // SAFETY: `buf` outlives the ring's use of it: `reap` below returns only after
+        // the read's completion (what this test checks), and `buf` lives past that.
+        unsafe { ring.submission().push(&entry) }.unwrap();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(1500));
+            write_bytes(&tx, b"late");
+            tx
+        });
+        let mut calls = 0;
+        let failing_enter = |ring: &mut IoUring, _: usize| {
+            calls += 1;
+            if calls == 1 {
+                ring.submitter().submit()?; // the kernel takes the read ...
+            }
+            Err(io::Error::from_raw_os_error(libc::EBUSY)) // ... and enter "fails"
+        };
+        let mut got = Vec::new();
+        let t = std::time::Instant::now();
+        let failed = reap(
+            &mut ring,
+            1,
+            |_| true,
+            &mut |k, r| got.push((k, r)),
+            failing_enter,
+        )
+        .expect_err("the failure is reported");
+        assert_eq!(failed.untaken, 0);
+        assert_eq!(got, vec![(0, 4)], "returned before the read completed");
+        assert!(
+            t.elapsed() >= Duration::from_millis(1400),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(&buf[..4], b"late");
+        assert_eq!(calls, 1, "nothing more is submitted after a failure");
+        drop(writer.join().unwrap());
+    }
+
+    /// io_uring_enter fails before the kernel took anything: nothing is waited for, and
+    /// the caller learns that none of the round ran.
+    #[test]
+    fn a_failed_enter_that_took_nothing_returns_at_once() {
+        let (rx, _tx) = pipe();
+        let mut ring = restricted_ring(&[opcode::Read::CODE]).expect("ring");
+        let mut bufs = [[0u8; 8]; 3];
+        for (k, b) in bufs.iter_mut().enumerate() {
+            let entry = opcode::Read::new(types::Fd(rx.as_raw_fd()), b.as_mut_ptr(), 8)
+                .build()
+                .user_data(k as u64);
+            // SAFETY: the kernel never takes these entries (enter is never really
+            // called), and the ring is dropped before `bufs`.
+            unsafe { ring.submission().push(&entry) }.unwrap();
+        }
+        let t = std::time::Instant::now();
+        let failed = reap(
+            &mut ring,
+            3,
+            |_| true,
+            &mut |_, _| panic!("nothing completes"),
+            |_: &mut IoUring, _: usize| Err(io::Error::from_raw_os_error(libc::ENOMEM)),
+        )
+        .expect_err("the failure is reported");
+        assert_eq!(failed.untaken, 3);
+        assert_eq!(failed.error.raw_os_error(), Some(libc::ENOMEM));
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+        drop(ring);
     }
 
     /// The ring refuses every operation but a write.
