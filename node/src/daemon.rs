@@ -574,6 +574,7 @@ fn status(state: &State) -> anyhow::Result<Status> {
         ("udp_rx_datagrams", &c.udp_rx_datagrams),
         ("udp_tx_datagrams", &c.udp_tx_datagrams),
         ("udp_tx_dropped", &c.udp_tx_dropped),
+        ("udp_rx_dropped", &c.udp_rx_dropped),
         ("forwarded", &c.forwarded),
         ("unrouted", &c.unrouted),
         ("tun_rx_inline", &c.tun_rx_inline),

@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use flynode_tunnel::core::{Core, Peer};
-use flynode_tunnel::driver::{Forwarder, Port};
+use flynode_tunnel::driver::{Forwarder, Port, TunBuilt};
 use flynode_tunnel::io::udp::UdpSocket;
 use serde::{Deserialize, Serialize};
 
@@ -504,11 +504,10 @@ impl Forwarding {
             &[payload]
         };
         let max = packet::udp_overhead(client.is_ipv6()) + header.len() + payload.len();
-        port.build_tun_partial(max, |buf| {
+        let built = port.build_tun_partial(max, |buf| {
             packet::write_udp_partial(buf, client, target, parts)
         });
-        c.worker_delivered.fetch_add(1, Relaxed);
-        route.counters.count_hop(Hop::WorkerToContainer);
+        count_delivery(c, route, built);
     }
 
     /// Edge: sends a reply payload from the anycast address to the client.
@@ -699,5 +698,60 @@ impl Forwarder for Forwarding {
                 }
             }
         }
+    }
+}
+
+/// Counts a worker's delivery into the TUN by what became of it: only a queued packet
+/// is delivered.
+fn count_delivery(c: &ForwardCounters, route: &ServiceRoute, built: TunBuilt) {
+    let (node, drop) = match built {
+        TunBuilt::Queued => {
+            c.worker_delivered.fetch_add(1, Relaxed);
+            route.counters.count_hop(Hop::WorkerToContainer);
+            return;
+        }
+        // The datagram and its PROXY header do not fit one IP packet for the container
+        // (an inner packet near 64 KiB from a peer).
+        TunBuilt::NotBuilt => (&c.worker_oversize, ServiceDrop::WorkerOversize),
+        TunBuilt::Refused => (&c.worker_tun_drops, ServiceDrop::WorkerTunDrops),
+    };
+    node.fetch_add(1, Relaxed);
+    route.counters.count_drop(drop);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only a packet the TUN batch took is delivered; one that could not be built (a
+    /// PROXY header and payload past 64 KiB) or that the batch refused is a drop, on the
+    /// node and on the service (it used to be counted as delivered).
+    #[test]
+    fn only_a_queued_packet_counts_as_delivered() {
+        let route = ServiceRoute {
+            name: "dns".into(),
+            proxy_protocol: true,
+            workers: Vec::new(),
+            local_v4: None,
+            local_v6: None,
+            counters: Arc::default(),
+        };
+        let c = ForwardCounters::default();
+        for built in [TunBuilt::NotBuilt, TunBuilt::Refused, TunBuilt::Queued] {
+            count_delivery(&c, &route, built);
+        }
+        let node = c.snapshot();
+        assert_eq!(
+            (
+                node["worker_delivered"],
+                node["worker_oversize"],
+                node["worker_tun_drops"]
+            ),
+            (1, 1, 1)
+        );
+        let service = route.counters.status(1);
+        assert_eq!(service.forwarded["worker_to_container"], 1);
+        assert_eq!(service.dropped["worker_oversize"], 1);
+        assert_eq!(service.dropped["worker_tun_drops"], 1);
     }
 }
