@@ -58,6 +58,9 @@ counters!(
         worker_oversize,
         /// Dropped: the TUN batch refused the packet for the container.
         worker_tun_drops,
+        /// Dropped: the map's target for this node is no container of this host (see
+        /// `forward::targets`).
+        worker_target_refused,
         /// Container replies sent through the mesh to their edge.
         reply_forwarded,
         /// Container replies sent to the client from this node (edge == worker).
@@ -130,6 +133,7 @@ pub enum ServiceDrop {
     WorkerNotServing,
     WorkerOversize,
     WorkerTunDrops,
+    WorkerTargetRefused,
     ReplyOversize,
     ReplyTunnelDrops,
     ClientReplyUnknownFlow,
@@ -138,13 +142,14 @@ pub enum ServiceDrop {
 }
 
 impl ServiceDrop {
-    pub const ALL: [ServiceDrop; 11] = [
+    pub const ALL: [ServiceDrop; 12] = [
         ServiceDrop::EdgeNoWorker,
         ServiceDrop::EdgeOversize,
         ServiceDrop::EdgeTunnelDrops,
         ServiceDrop::WorkerNotServing,
         ServiceDrop::WorkerOversize,
         ServiceDrop::WorkerTunDrops,
+        ServiceDrop::WorkerTargetRefused,
         ServiceDrop::ReplyOversize,
         ServiceDrop::ReplyTunnelDrops,
         ServiceDrop::ClientReplyUnknownFlow,
@@ -160,6 +165,7 @@ impl ServiceDrop {
             ServiceDrop::WorkerNotServing => "worker_not_serving",
             ServiceDrop::WorkerOversize => "worker_oversize",
             ServiceDrop::WorkerTunDrops => "worker_tun_drops",
+            ServiceDrop::WorkerTargetRefused => "worker_target_refused",
             ServiceDrop::ReplyOversize => "reply_oversize",
             ServiceDrop::ReplyTunnelDrops => "reply_tunnel_drops",
             ServiceDrop::ClientReplyUnknownFlow => "client_reply_unknown_flow",

@@ -27,7 +27,7 @@
 //! stack lower its path MTU. Oversized replies are counted (`reply_oversize`) and
 //! dropped: the container chose the size, the client never asked for it.
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -199,6 +199,8 @@ pub struct Forwarding {
     config: ForwardConfig,
     mesh: SocketAddr,
     table: ArcSwap<Table>,
+    /// Local targets judged out (see [`super::targets`]); empty nearly always.
+    refused: ArcSwap<HashSet<SocketAddr, MapHasher>>,
     edge: FlowTable<EdgeFlow>,
     worker: FlowTable<WorkerFlow>,
     sockets: ServiceSockets,
@@ -221,6 +223,7 @@ impl Forwarding {
             edge: FlowTable::new(config.edge_flows, config.idle_timeout),
             worker: FlowTable::new(config.worker_flows, config.idle_timeout),
             table: ArcSwap::from_pointee(Table::default()),
+            refused: ArcSwap::from_pointee(HashSet::default()),
             sockets,
             icmp: Icmp::new(),
             counters: ForwardCounters::default(),
@@ -322,6 +325,12 @@ impl Forwarding {
         out.sort();
         out.dedup();
         out
+    }
+
+    /// Replaces the set of local targets this worker must not deliver to (see
+    /// [`super::targets`]): datagrams for them are dropped as `worker_target_refused`.
+    pub fn refuse_targets(&self, refused: impl IntoIterator<Item = SocketAddr>) {
+        self.refused.store(Arc::new(refused.into_iter().collect()));
     }
 
     /// Forgets idle flows; called about once a second.
@@ -490,6 +499,12 @@ impl Forwarding {
             route.counters.count_drop(ServiceDrop::WorkerNotServing);
             return;
         };
+        let refused = self.refused.load();
+        if !refused.is_empty() && refused.contains(&target) {
+            c.worker_target_refused.fetch_add(1, Relaxed);
+            route.counters.count_drop(ServiceDrop::WorkerTargetRefused);
+            return;
+        }
         self.worker.insert(
             (Endpoint::new(target), Endpoint::new(client)),
             WorkerFlow {
