@@ -356,12 +356,16 @@ async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
     watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut stamp = routing_file.as_deref().and_then(file_stamp);
     let mut settling = false;
+    // The control socket is served by a task of its own, so that `status` and `keys
+    // rotate` answer while this loop is busy (reading a large routing map).
+    let control = Arc::new(control);
+    let server = {
+        let control = Arc::clone(&control);
+        tokio::spawn(async move { control.serve(answer).await })
+    };
     {
-        let serve = control.serve(answer);
-        tokio::pin!(serve);
         loop {
             tokio::select! {
-                _ = &mut serve => break,
                 _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break }
                 _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break }
                 _ = sighup.recv() => reload(&state),
@@ -388,6 +392,8 @@ async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
             }
         }
     }
+    server.abort();
+    let _ = server.await;
     drop(control);
     let fleet = state
         .lock()
@@ -462,12 +468,21 @@ fn apply_view(state: &Mutex<State>, view: &View) {
 }
 
 fn reload(state: &Mutex<State>) {
+    let config = {
+        let state = state.lock().unwrap_or_else(PoisonError::into_inner);
+        if state.fleet.is_some() {
+            tracing::info!("SIGHUP: the map comes from etcd and is applied as it changes");
+            return;
+        }
+        state.config.clone()
+    };
+    // Reading and validating a large map takes a while (a 10,000-node file): it is done
+    // without the state lock, so `status`, the metrics and `keys rotate` answer
+    // meanwhile; only applying the result holds it. Reloads come from one task, so two
+    // never race to apply.
+    let loaded = load_routing(&config);
     let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
-    if state.fleet.is_some() {
-        tracing::info!("SIGHUP: the map comes from etcd and is applied as it changes");
-        return;
-    }
-    match load_routing(&state.config) {
+    match loaded {
         Ok(routing) => apply_routing(&mut state, routing),
         Err(e) => tracing::error!(error = %e, "routing map rejected, the last good map stays"),
     }
