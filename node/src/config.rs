@@ -208,6 +208,12 @@ pub struct FlowConfig {
     /// How containers' replies reach flynode: `auto` (flynode's tc program on the
     /// container's interface, a policy rule where it cannot run) or `rules`.
     pub reply_capture: crate::forward::host::ReplyCaptureChoice,
+    /// Where this node may deliver clients' datagrams as a worker: its containers'
+    /// prefixes. Unset: any address the kernel reaches on the link of an interface
+    /// other than the XDP interface and the mesh, or an address of this host (see
+    /// `forward::targets`). A routing-map target outside is refused and counted.
+    #[serde(deserialize_with = "de::opt_prefixes")]
+    pub container_prefixes: Option<Vec<ipnet::IpNet>>,
 }
 
 impl Default for FlowConfig {
@@ -217,6 +223,7 @@ impl Default for FlowConfig {
             worker_max: 1 << 20,
             idle_timeout: Duration::from_secs(120),
             reply_capture: crate::forward::host::ReplyCaptureChoice::Auto,
+            container_prefixes: None,
         }
     }
 }

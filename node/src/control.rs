@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader as TokioBufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt as _, AsyncWriteExt, BufReader as TokioBufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 pub use crate::mesh::{PeerInfo, RotationStatus};
@@ -143,6 +143,11 @@ pub enum ControlError {
     Refused(String),
     #[error("another flynode daemon already answers on {0}")]
     InUse(PathBuf),
+    #[error(
+        "control socket directory {path} is unsafe: {problem}; another user could put \
+         their own socket in our socket's place"
+    )]
+    UnsafeDir { path: PathBuf, problem: String },
 }
 
 /// Sends one request and waits (bounded) for the answer.
@@ -210,6 +215,9 @@ fn rotation_request(path: &Path, req: &Request) -> Result<RotationStatus, Contro
     }
 }
 
+/// The longest request the daemon reads: every request is one short JSON line.
+pub const MAX_REQUEST_BYTES: u64 = 64 * 1024;
+
 /// The listening side, owned by the daemon. Removes its socket file when dropped.
 pub struct ControlServer {
     listener: UnixListener,
@@ -230,6 +238,7 @@ impl ControlServer {
                 .mode(0o700)
                 .create(dir)
                 .map_err(io)?;
+            check_socket_dir(dir)?;
         }
         if path.exists() {
             if daemon_answers(path) {
@@ -282,9 +291,13 @@ where
         }
     } else {
         let mut line = String::new();
-        let mut reader = TokioBufReader::new(&mut stream);
-        // Bounded so a client that never finishes its line cannot pin a task forever.
+        // Bounded in time so a client that never finishes its line cannot pin a task
+        // forever, and in size so one that never sends a newline cannot fill our memory.
+        let mut reader = TokioBufReader::new((&mut stream).take(MAX_REQUEST_BYTES + 1));
         match tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line)).await {
+            Ok(Ok(n)) if n as u64 > MAX_REQUEST_BYTES => Response::Error {
+                message: format!("request longer than {MAX_REQUEST_BYTES} bytes"),
+            },
             Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
                 Ok(request) => answer(request),
                 Err(e) => Response::Error {
@@ -301,6 +314,34 @@ where
     out.push(b'\n');
     stream.write_all(&out).await?;
     stream.shutdown().await
+}
+
+/// Refuses a socket directory that someone else could swap our socket in: one owned by
+/// another user, or writable by group or others. (The socket itself is 0600, so only
+/// its name is at stake; an existing directory is checked, not silently fixed.)
+fn check_socket_dir(dir: &Path) -> Result<(), ControlError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(dir).map_err(|source| ControlError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    let mode = meta.mode() & 0o7777;
+    let problem = if meta.uid() != euid {
+        format!("it belongs to uid {}, not {euid}", meta.uid())
+    } else if mode & 0o022 != 0 {
+        format!(
+            "it has mode {mode:04o}, writable by group or others (`chmod 700 {}`)",
+            dir.display()
+        )
+    } else {
+        return Ok(());
+    };
+    Err(ControlError::UnsafeDir {
+        path: dir.to_owned(),
+        problem,
+    })
 }
 
 impl Drop for ControlServer {
@@ -346,6 +387,71 @@ mod tests {
         assert!(path.exists());
         let replaced = ControlServer::bind(&path);
         assert!(replaced.is_ok(), "{:?}", replaced.err());
+    }
+
+    #[tokio::test]
+    async fn a_request_without_end_is_cut_off_at_the_limit_not_buffered() {
+        use tokio::io::AsyncWriteExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let server = ControlServer::bind(&path).unwrap();
+        tokio::spawn(async move {
+            server
+                .serve(|_| Response::Error {
+                    message: "served".into(),
+                })
+                .await
+        });
+        let mut client = UnixStream::connect(&path).await.unwrap();
+        // Ten times the limit and no newline: the daemon must answer (and stop reading)
+        // once it has the limit, not buffer it all.
+        let chunk = vec![b'x'; 64 * 1024];
+        let mut sent = 0u64;
+        let mut answer = Vec::new();
+        let (mut rd, mut wr) = client.split();
+        let writer = async {
+            while sent < 10 * MAX_REQUEST_BYTES {
+                if wr.write_all(&chunk).await.is_err() {
+                    break; // the daemon closed its side: it stopped reading
+                }
+                sent += chunk.len() as u64;
+            }
+        };
+        let reader = tokio::io::AsyncReadExt::read_to_end(&mut rd, &mut answer);
+        let (_, read) = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::join!(writer, reader)
+        })
+        .await
+        .expect("the daemon answers an oversized request");
+        // The daemon closes with our excess unread, which resets the connection after
+        // its answer: an error at the end of the read is expected.
+        let _ = read;
+        let text = String::from_utf8(answer).unwrap();
+        assert!(text.contains("request longer than 65536 bytes"), "{text}");
+        assert!(!text.contains("served"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_socket_directory_others_can_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("run");
+        std::fs::create_dir(&sub).unwrap();
+        for (mode, ok) in [(0o777, false), (0o770, false), (0o755, true), (0o700, true)] {
+            std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(mode)).unwrap();
+            let got = ControlServer::bind(&sub.join("control.sock"));
+            match got {
+                Ok(server) => {
+                    assert!(ok, "{mode:o} accepted");
+                    drop(server);
+                }
+                Err(e) => {
+                    assert!(!ok, "{mode:o}: {e}");
+                    assert!(matches!(e, ControlError::UnsafeDir { .. }), "{e}");
+                    assert!(e.to_string().contains(&format!("{mode:04o}")), "{e}");
+                }
+            }
+        }
     }
 
     #[tokio::test]

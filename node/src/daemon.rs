@@ -20,6 +20,7 @@ use crate::fleet::{self, Layout, View};
 use crate::forward::engine::{ForwardConfig, Forwarding, ServiceSockets};
 use crate::forward::flows::Tick;
 use crate::forward::host::HostRoutes;
+use crate::forward::targets::{TargetGate, TargetPolicy};
 use crate::ingress::{Datagram, Handler, Ingress, IngressConfig};
 use crate::mesh::{self, Grace};
 use crate::routing::RoutingMap;
@@ -38,6 +39,9 @@ struct State {
     forwarding: Arc<Forwarding>,
     host: HostRoutes,
     mesh: Arc<Mesh>,
+    /// Which local targets may be delivered to (judged again every few seconds).
+    targets: TargetGate,
+    targets_judged: Instant,
     /// A key rotation in flight.
     grace: Option<Grace>,
     /// The etcd source, when the map comes from etcd.
@@ -240,6 +244,8 @@ async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
     )
     .context("setting up reply routing for containers")?;
     forwarding.apply(&routing, mesh.core());
+    let mut targets = TargetGate::new(TargetPolicy::from_config(&config));
+    targets.judge(&forwarding);
     host.apply(&forwarding.local_targets());
     tracing::info!(
         interface = %mesh.tun_name(),
@@ -313,6 +319,8 @@ async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
         forwarding,
         host,
         mesh,
+        targets,
+        targets_judged: Instant::now(),
         grace,
         fleet,
         generation: 1,
@@ -348,12 +356,16 @@ async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
     watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut stamp = routing_file.as_deref().and_then(file_stamp);
     let mut settling = false;
+    // The control socket is served by a task of its own, so that `status` and `keys
+    // rotate` answer while this loop is busy (reading a large routing map).
+    let control = Arc::new(control);
+    let server = {
+        let control = Arc::clone(&control);
+        tokio::spawn(async move { control.serve(answer).await })
+    };
     {
-        let serve = control.serve(answer);
-        tokio::pin!(serve);
         loop {
             tokio::select! {
-                _ = &mut serve => break,
                 _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break }
                 _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break }
                 _ = sighup.recv() => reload(&state),
@@ -380,6 +392,8 @@ async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
             }
         }
     }
+    server.abort();
+    let _ = server.await;
     drop(control);
     let fleet = state
         .lock()
@@ -454,12 +468,21 @@ fn apply_view(state: &Mutex<State>, view: &View) {
 }
 
 fn reload(state: &Mutex<State>) {
+    let config = {
+        let state = state.lock().unwrap_or_else(PoisonError::into_inner);
+        if state.fleet.is_some() {
+            tracing::info!("SIGHUP: the map comes from etcd and is applied as it changes");
+            return;
+        }
+        state.config.clone()
+    };
+    // Reading and validating a large map takes a while (a 10,000-node file): it is done
+    // without the state lock, so `status`, the metrics and `keys rotate` answer
+    // meanwhile; only applying the result holds it. Reloads come from one task, so two
+    // never race to apply.
+    let loaded = load_routing(&config);
     let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
-    if state.fleet.is_some() {
-        tracing::info!("SIGHUP: the map comes from etcd and is applied as it changes");
-        return;
-    }
-    match load_routing(&state.config) {
+    match loaded {
         Ok(routing) => apply_routing(&mut state, routing),
         Err(e) => tracing::error!(error = %e, "routing map rejected, the last good map stays"),
     }
@@ -472,6 +495,8 @@ fn apply_routing(state: &mut State, routing: RoutingMap) {
         tracing::error!(error = %format!("{e:#}"), "applying the reloaded mesh peers failed");
     }
     let report = state.forwarding.apply(&routing, state.mesh.core());
+    state.targets.judge(&state.forwarding);
+    state.targets_judged = Instant::now();
     state.host.apply(&state.forwarding.local_targets());
     if report.edge_flows_invalidated + report.worker_flows_invalidated > 0 {
         tracing::info!(
@@ -499,10 +524,20 @@ fn apply_routing(state: &mut State, routing: RoutingMap) {
     state.applied = std::time::SystemTime::now();
 }
 
-/// Once a second: end a key rotation's grace period when it is over.
+/// How often the local targets are judged again while the map stays the same
+/// (containers come and go): a route lookup per target.
+const TARGETS_REJUDGED: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Once a second: forget idle flows, judge the local targets again every
+/// [`TARGETS_REJUDGED`], and end a key rotation's grace period when it is over.
 fn housekeeping(state: &Mutex<State>) {
     let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
     state.forwarding.expire();
+    if state.targets_judged.elapsed() >= TARGETS_REJUDGED {
+        let state = &mut *state;
+        state.targets.judge(&state.forwarding);
+        state.targets_judged = Instant::now();
+    }
     if let Some(grace) = state.grace
         && mesh::maybe_end_grace(&state.key_dir, &state.mesh, grace)
     {
@@ -574,6 +609,7 @@ fn status(state: &State) -> anyhow::Result<Status> {
         ("udp_rx_datagrams", &c.udp_rx_datagrams),
         ("udp_tx_datagrams", &c.udp_tx_datagrams),
         ("udp_tx_dropped", &c.udp_tx_dropped),
+        ("udp_rx_dropped", &c.udp_rx_dropped),
         ("forwarded", &c.forwarded),
         ("unrouted", &c.unrouted),
         ("tun_rx_inline", &c.tun_rx_inline),

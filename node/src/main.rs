@@ -153,6 +153,12 @@ enum KeysCmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
+    // Before any key is read: most commands read one (the daemon, `keys`, the demo's
+    // nodes), and none of them needs a core dump more than the key needs keeping out of
+    // one.
+    if let Err(e) = flynode_keys::forbid_core_dumps() {
+        tracing::warn!(error = %e, "could not disable core dumps; a crash may write key material to disk");
+    }
     match dispatch(cli.command) {
         Ok(()) => ExitCode::from(exit::OK as u8),
         Err(e) => {

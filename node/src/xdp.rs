@@ -398,7 +398,7 @@ fn clear_stale_program(interface: &str) -> Result<(), XdpError> {
     Ok(())
 }
 
-fn ifindex(interface: &str) -> std::io::Result<u32> {
+pub(crate) fn ifindex(interface: &str) -> std::io::Result<u32> {
     let name = std::ffi::CString::new(interface).map_err(std::io::Error::other)?;
     // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
     match unsafe { libc::if_nametoindex(name.as_ptr()) } {

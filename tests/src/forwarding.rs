@@ -118,6 +118,8 @@ pub struct ServiceSpec {
     pub name: &'static str,
     pub workers: Vec<(u8, u32)>,
     pub proxy_protocol: bool,
+    /// Every worker's targets (IPv4, IPv6) instead of its container's.
+    pub targets: Option<[SocketAddr; 2]>,
 }
 
 impl ServiceSpec {
@@ -127,6 +129,7 @@ impl ServiceSpec {
             name: "echo",
             workers: workers.iter().map(|&n| (n, 1)).collect(),
             proxy_protocol: false,
+            targets: None,
         }
     }
 
@@ -136,10 +139,11 @@ impl ServiceSpec {
             self.id, self.name, self.proxy_protocol
         );
         for (n, weight) in &self.workers {
+            let [v4, v6] = self
+                .targets
+                .unwrap_or([container(*n, false), container(*n, true)]);
             s.push_str(&format!(
-                "  [[service.worker]]\n  node = \"node-{n}\"\n  target = [\"{}\", \"{}\"]\n  weight = {weight}\n",
-                container(*n, false),
-                container(*n, true)
+                "  [[service.worker]]\n  node = \"node-{n}\"\n  target = [\"{v4}\", \"{v6}\"]\n  weight = {weight}\n",
             ));
         }
         s

@@ -292,6 +292,63 @@ fn a_service_added_then_removed_while_traffic_runs() {
     );
 }
 
+/// A routing map that names, as a worker's target, an address that is no container of
+/// that worker (here another host on the LAN, reached through the uplink) gets none of
+/// the clients' datagrams sent there: they are refused and counted, and the daemon says
+/// why (issue 29 item 7).
+#[test]
+fn a_worker_delivers_only_to_its_own_containers() {
+    require_root();
+    let victims = [
+        "198.18.10.1:9999".parse().unwrap(),
+        "[2001:db8:10::1]:9999".parse().unwrap(),
+    ];
+    let mut service = ServiceSpec::echo(&[2]);
+    service.targets = Some(victims);
+    let topo = Topology::start(2, &[service]);
+    let listeners: Vec<UdpSocket> = victims
+        .iter()
+        .map(|v| {
+            let s = topo.lan.nodes[0]
+                .ns
+                .enter(|| UdpSocket::bind(v))
+                .expect("enter node-1")
+                .expect("bind the victim");
+            s.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            s
+        })
+        .collect();
+    topo.wait_for_mesh(MESH_UP);
+    for v6 in [false, true] {
+        let socket = topo.client_socket(v6, 40700);
+        for _ in 0..5 {
+            socket.send_to(b"to anywhere", anycast(v6)).unwrap();
+        }
+    }
+    counter_reaching(topo.daemon(2), "worker_target_refused", 10);
+    for l in &listeners {
+        let mut buf = [0u8; 64];
+        assert!(
+            l.recv_from(&mut buf).is_err(),
+            "a client's datagram reached {:?}",
+            l.local_addr()
+        );
+    }
+    assert_eq!(counter(topo.daemon(2), "worker_delivered"), 0);
+    let status = topo.daemon(2).status();
+    assert_eq!(
+        status["forwarding"]["services"]["echo"]["dropped"]["worker_target_refused"], 10,
+        "{}",
+        status["forwarding"]["services"]
+    );
+    let log = topo.daemon(2).log();
+    assert!(
+        log.contains("refusing to deliver") && log.contains("198.18.10.1:9999"),
+        "{log}"
+    );
+}
+
 #[test]
 fn a_proxy_protocol_service_gets_the_header_intact() {
     require_root();

@@ -88,6 +88,17 @@ fn three_nodes_every_pair_pings_over_the_mesh() {
         }
         assert_eq!(status["mesh"]["interface"], "fly0");
         assert_eq!(status["mesh"]["mtu"], 1420);
+        // A crash must not write the key into a core file (issue 29 item 6).
+        let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.pid())).unwrap();
+        let core = limits
+            .lines()
+            .find(|l| l.starts_with("Max core file size"))
+            .expect("core limit line");
+        assert_eq!(
+            core.split_whitespace().skip(4).take(2).collect::<Vec<_>>(),
+            ["0", "0"],
+            "{core}"
+        );
     }
     // Each echo reply is queued in the TUN inside the write of its request: the
     // receiving thread sends it itself unless `mesh-tx` is reading at that instant.

@@ -78,6 +78,17 @@ pub trait Forwarder: Send + Sync + 'static {
     fn unrouted(&self, packet: &[u8], port: &mut Port<'_>);
 }
 
+/// What became of a packet offered to [`Port::build_tun_partial`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunBuilt {
+    /// In the TUN batch, written with it.
+    Queued,
+    /// The builder made nothing (the packet cannot be built: too large for IP).
+    NotBuilt,
+    /// The batch refused what was built (counted in `tun_tx_errors`).
+    Refused,
+}
+
 /// Where a [`Forwarder`] (or any caller holding a [`MeshReceiver`]) sends its output:
 /// the calling thread's own batches, written out when the thread ends its batch.
 pub struct Port<'a> {
@@ -104,21 +115,24 @@ impl Port<'_> {
     /// Builds a packet for the TUN in place whose transport checksum the kernel completes:
     /// `build` gets a buffer of `max_len` bytes and returns `(length, csum_start,
     /// csum_offset)` with the folded pseudo-header sum in the checksum field (see
-    /// [`TunSendBatch::commit_partial`]), or `None` for nothing.
+    /// [`TunSendBatch::commit_partial`]), or `None` for nothing. Says what became of it,
+    /// so that the caller counts only what was queued as delivered.
     pub fn build_tun_partial(
         &mut self,
         max_len: usize,
         build: impl FnOnce(&mut [u8]) -> Option<(usize, u16, u16)>,
-    ) {
+    ) -> TunBuilt {
         if self.tun.is_full() {
             self.shared.write_tun(self.tun);
         }
         let Some((len, start, offset)) = build(self.tun.reserve(max_len)) else {
-            return;
+            return TunBuilt::NotBuilt;
         };
         if !self.tun.commit_partial(len, start, offset) {
             self.shared.counters.tun_tx_errors.fetch_add(1, Relaxed);
+            return TunBuilt::Refused;
         }
+        TunBuilt::Queued
     }
 
     /// Encrypts an inner IP packet for the peer that owns its destination address and
@@ -158,6 +172,9 @@ pub struct DriverCounters {
     pub udp_rx_datagrams: AtomicU64,
     pub udp_tx_datagrams: AtomicU64,
     pub udp_tx_dropped: AtomicU64,
+    /// Datagrams the mesh socket received but could not use (truncated data or
+    /// control messages; see [`crate::io::udp::RecvBatch::dropped`]).
+    pub udp_rx_dropped: AtomicU64,
     /// Inner packets handed to the forwarder.
     pub forwarded: AtomicU64,
     /// TUN packets to no peer handed to the forwarder.
@@ -521,7 +538,13 @@ impl Shared {
         let mut in_batch = RecvBatch::new(64);
         let mut receiver = MeshReceiver::new(Arc::clone(self));
         while !self.stop.load(Relaxed) {
-            if !self.received(self.udp.recv_batch(&mut in_batch), "UDP receive") {
+            let received = self.udp.recv_batch(&mut in_batch);
+            if in_batch.dropped() > 0 {
+                self.counters
+                    .udp_rx_dropped
+                    .fetch_add(in_batch.dropped(), Relaxed);
+            }
+            if !self.received(received, "UDP receive") {
                 continue;
             }
             for (src, datagram) in in_batch.iter() {

@@ -256,3 +256,34 @@ pub(crate) fn interface<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Er
         }
     })
 }
+
+/// A network prefix in CIDR form ("198.19.0.0/16", "fd00:c::/48"), host bits clear.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Prefix(pub ipnet::IpNet);
+
+impl<'de> Deserialize<'de> for Prefix {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        parse_str(
+            d,
+            "a prefix such as \"198.19.0.0/16\"",
+            |s| match s.parse::<ipnet::IpNet>() {
+                Ok(net) if net.trunc() != net => Err(format!(
+                    "{} has bits set past its prefix length; did you mean {}?",
+                    quoted(s),
+                    net.trunc()
+                )),
+                Ok(net) => Ok(Prefix(net)),
+                Err(_) => Err(format!(
+                    "expected a prefix such as 198.19.0.0/16 or fd00:c::/48, got {}",
+                    quoted(s)
+                )),
+            },
+        )
+    }
+}
+
+pub(crate) fn opt_prefixes<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<ipnet::IpNet>>, D::Error> {
+    Vec::<Prefix>::deserialize(d).map(|v| Some(v.into_iter().map(|p| p.0).collect()))
+}

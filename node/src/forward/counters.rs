@@ -53,6 +53,14 @@ counters!(
         worker_bad_proxy,
         /// Dropped: this node serves no container for the datagram's service and family.
         worker_not_serving,
+        /// Dropped: the datagram (with its PROXY header, if the service wants one) does
+        /// not fit one IP packet to the container.
+        worker_oversize,
+        /// Dropped: the TUN batch refused the packet for the container.
+        worker_tun_drops,
+        /// Dropped: the map's target for this node is no container of this host (see
+        /// `forward::targets`).
+        worker_target_refused,
         /// Container replies sent through the mesh to their edge.
         reply_forwarded,
         /// Container replies sent to the client from this node (edge == worker).
@@ -123,6 +131,9 @@ pub enum ServiceDrop {
     EdgeOversize,
     EdgeTunnelDrops,
     WorkerNotServing,
+    WorkerOversize,
+    WorkerTunDrops,
+    WorkerTargetRefused,
     ReplyOversize,
     ReplyTunnelDrops,
     ClientReplyUnknownFlow,
@@ -131,11 +142,14 @@ pub enum ServiceDrop {
 }
 
 impl ServiceDrop {
-    pub const ALL: [ServiceDrop; 9] = [
+    pub const ALL: [ServiceDrop; 12] = [
         ServiceDrop::EdgeNoWorker,
         ServiceDrop::EdgeOversize,
         ServiceDrop::EdgeTunnelDrops,
         ServiceDrop::WorkerNotServing,
+        ServiceDrop::WorkerOversize,
+        ServiceDrop::WorkerTunDrops,
+        ServiceDrop::WorkerTargetRefused,
         ServiceDrop::ReplyOversize,
         ServiceDrop::ReplyTunnelDrops,
         ServiceDrop::ClientReplyUnknownFlow,
@@ -149,6 +163,9 @@ impl ServiceDrop {
             ServiceDrop::EdgeOversize => "edge_oversize",
             ServiceDrop::EdgeTunnelDrops => "edge_tunnel_drops",
             ServiceDrop::WorkerNotServing => "worker_not_serving",
+            ServiceDrop::WorkerOversize => "worker_oversize",
+            ServiceDrop::WorkerTunDrops => "worker_tun_drops",
+            ServiceDrop::WorkerTargetRefused => "worker_target_refused",
             ServiceDrop::ReplyOversize => "reply_oversize",
             ServiceDrop::ReplyTunnelDrops => "reply_tunnel_drops",
             ServiceDrop::ClientReplyUnknownFlow => "client_reply_unknown_flow",

@@ -27,7 +27,7 @@
 //! stack lower its path MTU. Oversized replies are counted (`reply_oversize`) and
 //! dropped: the container chose the size, the client never asked for it.
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use flynode_tunnel::core::{Core, Peer};
-use flynode_tunnel::driver::{Forwarder, Port};
+use flynode_tunnel::driver::{Forwarder, Port, TunBuilt};
 use flynode_tunnel::io::udp::UdpSocket;
 use serde::{Deserialize, Serialize};
 
@@ -199,6 +199,8 @@ pub struct Forwarding {
     config: ForwardConfig,
     mesh: SocketAddr,
     table: ArcSwap<Table>,
+    /// Local targets judged out (see [`super::targets`]); empty nearly always.
+    refused: ArcSwap<HashSet<SocketAddr, MapHasher>>,
     edge: FlowTable<EdgeFlow>,
     worker: FlowTable<WorkerFlow>,
     sockets: ServiceSockets,
@@ -221,6 +223,7 @@ impl Forwarding {
             edge: FlowTable::new(config.edge_flows, config.idle_timeout),
             worker: FlowTable::new(config.worker_flows, config.idle_timeout),
             table: ArcSwap::from_pointee(Table::default()),
+            refused: ArcSwap::from_pointee(HashSet::default()),
             sockets,
             icmp: Icmp::new(),
             counters: ForwardCounters::default(),
@@ -322,6 +325,12 @@ impl Forwarding {
         out.sort();
         out.dedup();
         out
+    }
+
+    /// Replaces the set of local targets this worker must not deliver to (see
+    /// [`super::targets`]): datagrams for them are dropped as `worker_target_refused`.
+    pub fn refuse_targets(&self, refused: impl IntoIterator<Item = SocketAddr>) {
+        self.refused.store(Arc::new(refused.into_iter().collect()));
     }
 
     /// Forgets idle flows; called about once a second.
@@ -490,6 +499,12 @@ impl Forwarding {
             route.counters.count_drop(ServiceDrop::WorkerNotServing);
             return;
         };
+        let refused = self.refused.load();
+        if !refused.is_empty() && refused.contains(&target) {
+            c.worker_target_refused.fetch_add(1, Relaxed);
+            route.counters.count_drop(ServiceDrop::WorkerTargetRefused);
+            return;
+        }
         self.worker.insert(
             (Endpoint::new(target), Endpoint::new(client)),
             WorkerFlow {
@@ -504,11 +519,10 @@ impl Forwarding {
             &[payload]
         };
         let max = packet::udp_overhead(client.is_ipv6()) + header.len() + payload.len();
-        port.build_tun_partial(max, |buf| {
+        let built = port.build_tun_partial(max, |buf| {
             packet::write_udp_partial(buf, client, target, parts)
         });
-        c.worker_delivered.fetch_add(1, Relaxed);
-        route.counters.count_hop(Hop::WorkerToContainer);
+        count_delivery(c, route, built);
     }
 
     /// Edge: sends a reply payload from the anycast address to the client.
@@ -699,5 +713,60 @@ impl Forwarder for Forwarding {
                 }
             }
         }
+    }
+}
+
+/// Counts a worker's delivery into the TUN by what became of it: only a queued packet
+/// is delivered.
+fn count_delivery(c: &ForwardCounters, route: &ServiceRoute, built: TunBuilt) {
+    let (node, drop) = match built {
+        TunBuilt::Queued => {
+            c.worker_delivered.fetch_add(1, Relaxed);
+            route.counters.count_hop(Hop::WorkerToContainer);
+            return;
+        }
+        // The datagram and its PROXY header do not fit one IP packet for the container
+        // (an inner packet near 64 KiB from a peer).
+        TunBuilt::NotBuilt => (&c.worker_oversize, ServiceDrop::WorkerOversize),
+        TunBuilt::Refused => (&c.worker_tun_drops, ServiceDrop::WorkerTunDrops),
+    };
+    node.fetch_add(1, Relaxed);
+    route.counters.count_drop(drop);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only a packet the TUN batch took is delivered; one that could not be built (a
+    /// PROXY header and payload past 64 KiB) or that the batch refused is a drop, on the
+    /// node and on the service (it used to be counted as delivered).
+    #[test]
+    fn only_a_queued_packet_counts_as_delivered() {
+        let route = ServiceRoute {
+            name: "dns".into(),
+            proxy_protocol: true,
+            workers: Vec::new(),
+            local_v4: None,
+            local_v6: None,
+            counters: Arc::default(),
+        };
+        let c = ForwardCounters::default();
+        for built in [TunBuilt::NotBuilt, TunBuilt::Refused, TunBuilt::Queued] {
+            count_delivery(&c, &route, built);
+        }
+        let node = c.snapshot();
+        assert_eq!(
+            (
+                node["worker_delivered"],
+                node["worker_oversize"],
+                node["worker_tun_drops"]
+            ),
+            (1, 1, 1)
+        );
+        let service = route.counters.status(1);
+        assert_eq!(service.forwarded["worker_to_container"], 1);
+        assert_eq!(service.dropped["worker_oversize"], 1);
+        assert_eq!(service.dropped["worker_tun_drops"], 1);
     }
 }

@@ -10,3 +10,4 @@ pub mod host;
 pub mod icmp;
 pub mod packet;
 pub mod proxy;
+pub mod targets;

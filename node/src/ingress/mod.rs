@@ -107,6 +107,9 @@ pub struct IngressCounters {
     /// AF_XDP datagrams for an (address, port) the map no longer has (removed between
     /// the program's verdict and the consumer).
     pub xsk_stale: AtomicU64,
+    /// Datagrams a service socket received but could not use (truncated data or
+    /// control messages).
+    pub socket_dropped: AtomicU64,
     /// Receive errors (logged at a power-of-two rate).
     pub errors: AtomicU64,
 }
@@ -118,6 +121,7 @@ impl IngressCounters {
             ("socket_datagrams", &self.socket_datagrams),
             ("xsk_unparsed", &self.xsk_unparsed),
             ("xsk_stale", &self.xsk_stale),
+            ("socket_dropped", &self.socket_dropped),
             ("errors", &self.errors),
         ]
         .into_iter()

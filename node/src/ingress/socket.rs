@@ -189,7 +189,14 @@ fn run(shared: &Shared, handlers: HandlerFactory) {
                 continue;
             }
             // Readable: recvmmsg(MSG_WAITFORONE) returns at once with what is queued.
-            match socket.recv_batch(&mut batch) {
+            let received = socket.recv_batch(&mut batch);
+            if batch.dropped() > 0 {
+                shared
+                    .counters
+                    .socket_dropped
+                    .fetch_add(batch.dropped(), Relaxed);
+            }
+            match received {
                 Ok(0) => continue,
                 Ok(_) => {}
                 Err(e) => {

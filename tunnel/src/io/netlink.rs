@@ -67,6 +67,9 @@ const IFA_F_NODAD: u32 = 0x02;
 
 const RTA_DST: u16 = 1;
 const RTA_OIF: u16 = 4;
+const RTA_GATEWAY: u16 = 5;
+const RTA_MULTIPATH: u16 = 9;
+const RTA_VIA: u16 = 18;
 const RTA_TABLE: u16 = 15;
 
 const RT_TABLE_UNSPEC: u8 = 0;
@@ -104,6 +107,8 @@ pub(crate) struct Route {
     pub oif: Option<u32>,
     pub table: u32,
     pub route_type: u8,
+    /// Through a router (a gateway, `via`, or several next hops), not on a link.
+    pub gateway: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -681,11 +686,13 @@ fn parse_route(payload: &[u8]) -> Option<Route> {
     let route_type = *payload.get(7)?;
     let mut dst = None;
     let mut oif = None;
+    let mut gateway = false;
     for (ty, v) in attrs(payload.get(12..)?) {
         match ty {
             RTA_DST => dst = ip_from_bytes(v),
             RTA_OIF => oif = u32_at(v, 0),
             RTA_TABLE => table = u32_at(v, 0).unwrap_or(table),
+            RTA_GATEWAY | RTA_VIA | RTA_MULTIPATH => gateway = true,
             _ => {}
         }
     }
@@ -701,6 +708,7 @@ fn parse_route(payload: &[u8]) -> Option<Route> {
         oif,
         table,
         route_type,
+        gateway,
     })
 }
 

@@ -10,7 +10,7 @@
 use std::io;
 use std::net::IpAddr;
 
-use super::netlink::{Netlink, RT_TABLE_MAIN, RTN_UNICAST, RouteOp};
+use super::netlink::{Netlink, RT_TABLE_MAIN, RTN_LOCAL, RTN_UNICAST, RouteOp};
 use super::sys::{context, ifname_or_index, os_error_of};
 
 /// Checks a prefix: length within the family's range and no host bits set.
@@ -43,6 +43,33 @@ fn describe(table: u32, ifindex: u32, dst: IpAddr, prefix_len: u8) -> String {
     } else {
         format!("{dst}/{prefix_len} dev {dev} table {table}")
     }
+}
+
+/// How the kernel reaches an address (`ip route get DST`, main policy, no source).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// An address of this host.
+    Local,
+    /// On the link of interface `oif`: no router in between.
+    Link { oif: u32 },
+    /// Through a router, out of `oif` where the route names one.
+    Gateway { oif: Option<u32> },
+    /// No usable route: none at all, or a blackhole, unreachable or prohibit route.
+    Nowhere,
+}
+
+/// How the kernel would reach `dst` now.
+pub fn reach(dst: IpAddr) -> io::Result<Reach> {
+    let mut nl = Netlink::open()?;
+    let Some(route) = nl.route_to(dst)? else {
+        return Ok(Reach::Nowhere);
+    };
+    Ok(match (route.route_type, route.gateway, route.oif) {
+        (RTN_LOCAL, _, _) => Reach::Local,
+        (RTN_UNICAST, true, oif) => Reach::Gateway { oif },
+        (RTN_UNICAST, false, Some(oif)) => Reach::Link { oif },
+        _ => Reach::Nowhere,
+    })
 }
 
 /// The interface index the kernel routes `dst` out of (`ip route get DST`), or `None`

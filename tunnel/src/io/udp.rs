@@ -397,10 +397,11 @@ impl UdpSocket {
         }
         let got = rc as usize;
         let mut count = 0;
+        batch.dropped = 0;
         for i in 0..got {
             let h = &raw.hdrs[i];
             if h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
-                batch.truncated += 1;
+                batch.dropped += 1;
                 continue;
             }
             let Some(src) = from_raw(&raw.names[i]) else {
@@ -408,6 +409,14 @@ impl UdpSocket {
             };
             let len = h.msg_len as usize;
             let seg = gro_segment_size(&h.msg_hdr);
+            if seg == 0 && h.msg_hdr.msg_flags & libc::MSG_CTRUNC != 0 {
+                // The control data did not fit (another option set on the socket added
+                // a message): whether this is several coalesced datagrams, and their
+                // size, was in what is missing. Delivering it whole could glue
+                // datagrams together, so it is dropped and counted.
+                batch.dropped += 1;
+                continue;
+            }
             let seg = if seg == 0 || seg >= len { len } else { seg };
             batch.meta[count] = RecvMeta {
                 slot: i,
@@ -604,7 +613,8 @@ pub struct RecvBatch {
     data: Box<[u8]>,
     meta: Vec<RecvMeta>,
     count: usize,
-    truncated: u64,
+    /// Messages the last `recv_batch` received but could not deliver.
+    dropped: u64,
     raw: RecvRaw,
 }
 
@@ -613,7 +623,7 @@ impl std::fmt::Debug for RecvBatch {
         f.debug_struct("RecvBatch")
             .field("capacity", &self.meta.len())
             .field("messages", &self.count)
-            .field("truncated", &self.truncated)
+            .field("dropped", &self.dropped)
             .finish()
     }
 }
@@ -636,7 +646,7 @@ impl RecvBatch {
                 n
             ],
             count: 0,
-            truncated: 0,
+            dropped: 0,
             raw: RecvRaw {
                 // SAFETY: mmsghdr, iovec and sockaddr_storage are plain C structs of
                 // integers and pointers, for which all-zeroes (null pointers) is valid.
@@ -668,10 +678,11 @@ impl RecvBatch {
             .sum()
     }
 
-    /// Messages dropped since creation because they did not fit a slot (cannot happen
-    /// for datagrams ≤ 64 KiB; counted for completeness).
-    pub fn truncated(&self) -> u64 {
-        self.truncated
+    /// Messages the last `recv_batch` received and dropped: the datagram did not fit a
+    /// slot (cannot happen for datagrams ≤ 64 KiB), or its control data was cut short
+    /// (`MSG_CTRUNC`) so that its GRO segment size may be lost. The caller counts them.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
     }
 
     /// The datagrams of the last `recv_batch`, in arrival order: `(source, payload)`.
@@ -1109,6 +1120,47 @@ mod tests {
     #[test]
     fn udp_batch_roundtrip_without_gso() {
         roundtrip(false);
+    }
+
+    /// When the control data is cut short (MSG_CTRUNC: here, options someone set on the
+    /// socket add messages that do not fit our control buffer), a datagram without its
+    /// GRO segment size may be several glued together: it is dropped and counted, never
+    /// delivered whole.
+    #[test]
+    fn a_datagram_whose_control_data_was_cut_short_is_dropped_and_counted() {
+        let rx = UdpSocket::bind("[::]:0".parse().unwrap(), 1 << 20).unwrap();
+        let tx = UdpSocket::bind("[::]:0".parse().unwrap(), 1 << 20).unwrap();
+        let fd = rx.as_raw_fd();
+        setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1).unwrap();
+        setsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1).unwrap();
+        setsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVHOPLIMIT, 1).unwrap();
+        let to: SocketAddr = format!("[::1]:{}", rx.local_addr().unwrap().port())
+            .parse()
+            .unwrap();
+        let mut batch = SendBatch::new(4);
+        batch.push(to, b"first");
+        tx.send_batch(&mut batch).unwrap();
+        let mut rb = RecvBatch::new(8);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while rx.recv_batch(&mut rb).unwrap() == 0 && rb.dropped() == 0 {
+            assert!(Instant::now() < deadline, "nothing arrived");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!((rb.messages(), rb.dropped()), (0, 1));
+        assert_eq!(rb.iter().count(), 0);
+        // Without the extra options the same datagram is delivered.
+        setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 0).unwrap();
+        setsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 0).unwrap();
+        setsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVHOPLIMIT, 0).unwrap();
+        batch.push(to, b"second");
+        tx.send_batch(&mut batch).unwrap();
+        while rx.recv_batch(&mut rb).unwrap() == 0 {
+            assert!(Instant::now() < deadline, "nothing arrived");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(rb.dropped(), 0);
+        let got: Vec<_> = rb.iter().map(|(_, p)| p.to_vec()).collect();
+        assert_eq!(got, vec![b"second".to_vec()]);
     }
 
     #[test]

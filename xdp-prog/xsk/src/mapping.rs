@@ -47,22 +47,21 @@ impl Mapping {
         }
         let raw = Mapping::anonymous(len + HUGE, step)?;
         let base = raw.as_ptr() as usize;
-        let aligned = base.next_multiple_of(HUGE);
-        let (head, tail) = (aligned - base, base + len + HUGE - (aligned + len));
+        let trim = huge_trim(base, len, HUGE, page_size());
         std::mem::forget(raw);
         // SAFETY: [base, base + len + HUGE) is the mapping just made, now owned here
         // alone (forgotten above); we unmap its unaligned head and tail, keep
-        // [aligned, aligned + len), and advise only that range.
+        // [aligned, aligned + len) (rounded up to whole pages), and advise only that.
         unsafe {
-            if head > 0 {
-                libc::munmap(base as *mut libc::c_void, head);
+            if trim.head > 0 {
+                libc::munmap(base as *mut libc::c_void, trim.head);
             }
-            if tail > 0 {
-                libc::munmap((aligned + len) as *mut libc::c_void, tail);
+            if trim.tail_len > 0 {
+                libc::munmap(trim.tail_start as *mut libc::c_void, trim.tail_len);
             }
-            libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
+            libc::madvise(trim.aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
         }
-        Mapping::from_mmap(aligned as *mut libc::c_void, len, step)
+        Mapping::from_mmap(trim.aligned as *mut libc::c_void, len, step)
     }
 
     /// `len` bytes of the object behind `fd` at page offset `offset`, shared and
@@ -116,9 +115,61 @@ impl Drop for Mapping {
     }
 }
 
+/// How a mapping of `len + huge` bytes at `base` is cut down to `len` bytes aligned to
+/// `huge`: unmap `head` bytes at `base` and `tail_len` at `tail_start`.
+#[derive(Debug, PartialEq, Eq)]
+struct HugeTrim {
+    head: usize,
+    aligned: usize,
+    tail_start: usize,
+    tail_len: usize,
+}
+
+/// munmap works in whole pages and fails (EINVAL, leaving everything mapped) at an
+/// address that is not page-aligned; the kept range's own munmap at drop rounds its
+/// length up. So the tail starts at the page boundary after `aligned + len`.
+fn huge_trim(base: usize, len: usize, huge: usize, page: usize) -> HugeTrim {
+    let aligned = base.next_multiple_of(huge);
+    let tail_start = aligned + len.next_multiple_of(page);
+    HugeTrim {
+        head: aligned - base,
+        aligned,
+        tail_start,
+        tail_len: (base + len + huge).next_multiple_of(page) - tail_start,
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf with a valid name has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(page).unwrap_or(4096)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A length that is not a whole number of pages still leaves nothing of the
+    /// oversized mapping behind: the tail is cut at a page boundary (an unaligned
+    /// munmap fails and would leak the whole tail, up to 2 MiB per UMEM).
+    #[test]
+    fn the_trim_of_an_unaligned_length_is_page_aligned_and_complete() {
+        const HUGE: usize = 2 << 20;
+        let page = 4096;
+        for base in [0x7f00_0000_0000usize, 0x7f00_0000_1000, 0x7f00_001f_f000] {
+            for len in [HUGE, 3 * HUGE + 4096, 3 * HUGE + 100, 5 * HUGE - 1] {
+                let t = huge_trim(base, len, HUGE, page);
+                assert_eq!(t.aligned % HUGE, 0);
+                assert_eq!(base + t.head, t.aligned);
+                assert_eq!(t.tail_start % page, 0, "base {base:x} len {len}");
+                assert!(t.tail_start >= t.aligned + len);
+                // Everything mapped (whole pages) is either kept or unmapped.
+                let end = (base + len + HUGE).next_multiple_of(page);
+                assert_eq!(t.tail_start + t.tail_len, end);
+                assert_eq!(t.head + (t.tail_start - t.aligned) + t.tail_len, end - base);
+            }
+        }
+    }
 
     /// The UMEM mapping is 2 MiB-aligned (what lets the kernel back it with huge
     /// pages), exactly as long as asked, zero-filled and writable end to end; small
@@ -126,7 +177,7 @@ mod tests {
     #[test]
     fn huge_mapping_is_aligned_zeroed_and_usable() {
         const HUGE: usize = 2 << 20;
-        for len in [4 * HUGE, 3 * HUGE + 4096] {
+        for len in [4 * HUGE, 3 * HUGE + 4096, 3 * HUGE + 100] {
             let m = Mapping::anonymous_huge(len, "test UMEM").expect("mmap");
             assert_eq!(m.as_ptr() as usize % HUGE, 0, "len {len}");
             assert_eq!(m.len(), len);

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Fleet-scale benchmark (issue 23): what a map of N nodes costs. Today: `flynode
+# check-config` (parse + validation of the node config and the routing file, what the
+# unit's ExecStartPre runs at every start) for N = 100, 1,000, 5,000, 10,000, as CPU
+# time (user + system, from getrusage via /usr/bin/time: the machine's load does not
+# enter it), the median of BENCH_RUNS runs, and its growth against N = 1,000 measured in
+# the same run. Targets: 5,000 nodes <= 1 s; 10,000 / 1,000 <= 12.
+#
+# Needs no root and touches no network: files in a temporary directory, removed on exit.
+set -euo pipefail
+
+usage() {
+  cat <<'USAGE'
+usage: bench/scale.sh
+
+Environment (defaults in brackets):
+  BENCH_SIZES="N ..."   map sizes [100 1000 5000 10000]
+  BENCH_RUNS=N          runs per size, median taken [3]
+  FLYNODE_BIN=PATH      the flynode binary [target/release/flynode, built first]
+  BENCH_STRICT=1        exit 1 if a target is missed
+USAGE
+}
+case ${1:-} in -h | --help) usage; exit 0 ;; esac
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+SIZES=${BENCH_SIZES:-100 1000 5000 10000}
+RUNS=${BENCH_RUNS:-3}
+FLYNODE=${FLYNODE_BIN:-}
+if [[ -z $FLYNODE ]]; then
+  echo "scale.sh: building flynode (cargo build --release -p flynode)" >&2
+  (cd "$REPO" && cargo build --release -q -p flynode)
+  FLYNODE=$REPO/target/release/flynode
+fi
+[[ -x /usr/bin/time ]] || { echo "scale.sh: needs /usr/bin/time (Debian package time)" >&2; exit 2; }
+
+DIR=$(mktemp -d /tmp/flynode-scale.XXXXXX)
+trap 'rm -rf "$DIR"' EXIT INT TERM
+
+# CPU seconds of one check-config of the N-node map.
+cpu_of() {
+  /usr/bin/time -f '%U %S' -o "$DIR/time" "$FLYNODE" check-config "$DIR/node-$1.toml" >/dev/null
+  awk '{ printf "%.3f\n", $1 + $2 }' "$DIR/time"
+}
+
+declare -A MEDIAN
+printf '%-8s %-14s %-10s %s\n' nodes "map bytes" "CPU s" "runs"
+for n in $SIZES; do
+  python3 "$REPO/bench/scale_map.py" "$n" "$DIR"
+  runs=()
+  for _ in $(seq "$RUNS"); do runs+=("$(cpu_of "$n")"); done
+  MEDIAN[$n]=$(printf '%s\n' "${runs[@]}" | sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }')
+  printf '%-8s %-14s %-10s %s\n' "$n" "$(stat -c %s "$DIR/routing-$n.toml")" "${MEDIAN[$n]}" "${runs[*]}"
+done
+
+fail=0
+if [[ -n ${MEDIAN[5000]:-} ]]; then
+  verdict=$(awk -v t="${MEDIAN[5000]}" 'BEGIN { print (t <= 1.0) ? "PASS" : "FAIL" }')
+  echo "check-config, 5,000 nodes: ${MEDIAN[5000]} s CPU (target <= 1 s): $verdict"
+  [[ $verdict == PASS ]] || fail=1
+fi
+if [[ -n ${MEDIAN[1000]:-} && -n ${MEDIAN[10000]:-} ]]; then
+  ratio=$(awk -v a="${MEDIAN[1000]}" -v b="${MEDIAN[10000]}" 'BEGIN { printf "%.1f", (a > 0) ? b / a : 0 }')
+  verdict=$(awk -v r="$ratio" 'BEGIN { print (r <= 12) ? "PASS" : "FAIL" }')
+  echo "check-config, 10,000 / 1,000 nodes: ${ratio}x (target <= 12x, linear is 10x): $verdict"
+  [[ $verdict == PASS ]] || fail=1
+fi
+if [[ ${BENCH_STRICT:-0} == 1 && $fail == 1 ]]; then exit 1; fi
