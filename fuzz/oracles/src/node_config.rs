@@ -6,7 +6,8 @@
 //!
 //! Properties: an accepted config holds what `Config` documents (a ULA mesh address,
 //! absolute paths, valid interface names, an etcd prefix that starts and ends with '/',
-//! a whole-second lease of at least 2 s, non-zero durations, counts and ports); written
+//! a whole-second lease of at least 2 s, non-zero durations, counts and ports, container
+//! prefixes without host bits); written
 //! back with every field it parses to the same config. A refusal is one line that names
 //! the file.
 use std::path::Path;
@@ -62,6 +63,9 @@ fn check(c: &Config) {
         assert!(d > Duration::ZERO, "a zero duration accepted");
     }
     assert!(c.flows.edge_max >= 1 && c.flows.worker_max >= 1);
+    for p in c.flows.container_prefixes.iter().flatten() {
+        assert_eq!(p.trunc(), *p, "prefix {p} with host bits accepted");
+    }
     match &c.source {
         SourceConfig::File { path } => assert!(path.is_absolute()),
         SourceConfig::Etcd {

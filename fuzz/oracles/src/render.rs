@@ -179,6 +179,10 @@ pub fn config(c: &Config) -> String {
         ReplyCaptureChoice::Rules => "rules",
     };
     flows.insert("reply_capture".into(), s(capture));
+    if let Some(prefixes) = &f.container_prefixes {
+        let list = prefixes.iter().map(s).collect();
+        flows.insert("container_prefixes".into(), Value::Array(list));
+    }
     t.insert("flows".into(), Value::Table(flows));
     text(&t)
 }

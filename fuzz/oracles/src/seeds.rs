@@ -582,6 +582,7 @@ edge_max = 1000
 worker_max = 2000
 idle_timeout = "1m 30s 5ms"
 reply_capture = "rules"
+container_prefixes = ["198.19.0.0/16", "fd00:c::/48"]
 "#,
     ),
     (
