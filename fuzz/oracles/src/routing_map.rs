@@ -164,10 +164,11 @@ fn assemble_records(map: &RoutingMap) -> Assembled {
 
 /// A refusal the operator sees: one line, naming the file.
 pub fn one_line(e: &str, origin: &str) {
-    assert!(
-        !e.contains(['\n', '\r']),
-        "an error on more than one line: {e:?}"
-    );
+    // Unicode's mandatory line breaks: a terminal or a log viewer may break at any.
+    let breaks = [
+        '\n', '\r', '\u{b}', '\u{c}', '\u{85}', '\u{2028}', '\u{2029}',
+    ];
+    assert!(!e.contains(breaks), "an error on more than one line: {e:?}");
     assert!(
         e.starts_with(origin),
         "an error that does not name {origin}: {e:?}"

@@ -112,11 +112,21 @@ impl TomlError {
 
 fn one_line(message: &str) -> String {
     message
-        .lines()
+        .split(is_line_break)
         .map(str::trim)
         .filter(|l| !l.is_empty())
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// Unicode's mandatory line breaks: a terminal or a log viewer may start a new line at
+/// any of them, not only at '\n' (serde repeats a value as written in "unknown variant"
+/// messages, and TOML's "\r" escape is a raw carriage return).
+fn is_line_break(c: char) -> bool {
+    matches!(
+        c,
+        '\n' | '\r' | '\u{b}' | '\u{c}' | '\u{85}' | '\u{2028}' | '\u{2029}'
+    )
 }
 
 /// Quote a value from the file for an error message, escaping anything that would break
@@ -268,5 +278,17 @@ mod tests {
             "invalid string; expected `\"`"
         );
         assert_eq!(quoted("a\nb"), "`a\\nb`");
+    }
+
+    /// Found by fuzzing (fuzz/artifacts/node_config/): `mode = "a\rb"` was reported with
+    /// a raw carriage return in the middle of the line.
+    #[test]
+    fn every_kind_of_line_break_is_kept_off_the_line() {
+        for br in [
+            "\r", "\r\n", "\u{b}", "\u{c}", "\u{85}", "\u{2028}", "\u{2029}",
+        ] {
+            let m = one_line(&format!("unknown variant `a{br}b`, expected `auto`"));
+            assert_eq!(m, "unknown variant `a; b`, expected `auto`", "{br:?}");
+        }
     }
 }
