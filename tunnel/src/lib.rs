@@ -9,5 +9,7 @@
 pub mod clock;
 pub mod core;
 pub mod driver;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod io;
 pub mod sched;

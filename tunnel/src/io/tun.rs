@@ -57,6 +57,8 @@ pub use tun_rs::{IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 use super::netlink::{Netlink, RTN_LOCAL};
 use super::sys::{ResultExt, context, os_error_of, poll_one};
 
+#[doc(hidden)]
+pub mod fuzzing;
 mod udp_gro;
 mod uring;
 

@@ -1,0 +1,3 @@
+#![no_main]
+//! See `flynode_fuzz_oracles::node_config` for the input format and the properties checked.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| flynode_fuzz_oracles::node_config(data));
