@@ -126,7 +126,7 @@ fn plain(
         assert_eq!(got[at + 2..], pkt[at + 2..]);
         // The kernel's offsets are 6 (UDP) or 16 (TCP): a field at an odd offset straddles
         // two 16-bit words of the sum, and no value written there sums right.
-        if hdr.csum_offset % 2 == 0 {
+        if hdr.csum_offset.is_multiple_of(2) {
             let initial = u16::from_be_bytes([pkt[at], pkt[at + 1]]);
             assert_eq!(
                 checksum::ones_sum(&got[start..], u64::from(initial)),
