@@ -183,6 +183,10 @@ pub struct MetricsConfig {
     /// network).
     #[serde(deserialize_with = "de::socket_addr")]
     pub listen: SocketAddr,
+    /// Per-peer series for at most this many peers (those with a session first; 0:
+    /// none). The `flynode_peers` gauges always count every peer.
+    #[serde(deserialize_with = "de::count_or_zero")]
+    pub max_peer_series: usize,
 }
 
 impl Default for MetricsConfig {
@@ -190,6 +194,7 @@ impl Default for MetricsConfig {
         MetricsConfig {
             enabled: true,
             listen: SocketAddr::from(([127, 0, 0, 1], 9477)),
+            max_peer_series: 256,
         }
     }
 }

@@ -342,10 +342,13 @@ async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
         // Weak: the endpoint must not keep the state (XDP program, mesh) alive past
         // shutdown; a scrape then gets a 500.
         let state = Arc::downgrade(&state);
+        let max_peers = metrics.max_peer_series;
         tokio::spawn(server.serve(move || {
             let state = state.upgrade().context("the daemon is shutting down")?;
             let state = state.lock().unwrap_or_else(PoisonError::into_inner);
-            status(&state)
+            let mut status = status(&state)?;
+            crate::metrics::limit_peer_series(&mut status, max_peers);
+            Ok(status)
         }));
     }
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -617,19 +620,27 @@ fn status(state: &State) -> anyhow::Result<Status> {
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.load(std::sync::atomic::Ordering::Relaxed)))
+    .chain(
+        [
+            ("cookies_sent", &core.counters.cookies_sent),
+            ("handshake_initiations", &core.counters.initiations),
+            ("sessions_released", &core.counters.sessions_released),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.load(std::sync::atomic::Ordering::Relaxed))),
+    )
     .chain(std::iter::once((
-        "cookies_sent".to_owned(),
-        core.counters
-            .cookies_sent
-            .load(std::sync::atomic::Ordering::Relaxed),
+        "handshake_failures".to_owned(),
+        core.unreachable().failures,
     )))
     .collect();
+    let peers: Vec<mesh::PeerInfo> = core.peers().into_iter().map(Into::into).collect();
     let mesh = MeshStatus {
         interface: state.mesh.tun_name().to_owned(),
         mtu: state.mesh.mtu(),
         listen_port: state.config.wireguard.listen_port,
         rotation: mesh::rotation_status(&state.mesh, state.grace),
-        peers: core.peers().into_iter().map(Into::into).collect(),
+        peer_summary: mesh::PeerSummary::of(&peers),
+        peers,
         drops: core
             .counters
             .drops()

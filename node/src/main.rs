@@ -170,7 +170,11 @@ fn main() -> ExitCode {
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // boringtun logs its timers per peer per event (a retried handshake, an
+        // expired session): thousands of lines a minute with a large map. The mesh sums
+        // them up itself (`peers unreachable`, once a minute); RUST_LOG can bring them
+        // back.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,boringtun=off"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -506,6 +506,6 @@ fn metrics_can_be_turned_off_and_reject_unknown_fields() {
     assert_eq!(config.metrics.listen, MetricsConfig::default().listen);
     assert_eq!(
         err(&format!("{MINIMAL}[metrics]\nenable = false\n")),
-        "/etc/flynode/flynode.toml:7:1: metrics: unknown field `enable`, expected `enabled` or `listen`"
+        "/etc/flynode/flynode.toml:7:1: metrics: unknown field `enable`, expected one of `enabled`, `listen`, `max_peer_series`"
     );
 }
