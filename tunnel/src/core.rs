@@ -597,7 +597,11 @@ impl Core {
                     next.push(Arc::clone(&slot));
                     peer.slots.store(Arc::new(next));
                     peer.config.store(Arc::new(cfg));
-                    initiate(peer, &slot, scratch, net);
+                    // Only a session in use, or a warm peer, needs the new key pair
+                    // now; an idle cold peer meets it at its next packet.
+                    if peer.demand.warm() || primary.has_session() {
+                        initiate(peer, &slot, scratch, net);
+                    }
                     peers.push(Arc::clone(peer));
                     continue;
                 }

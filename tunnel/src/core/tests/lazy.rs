@@ -217,3 +217,18 @@ fn thousands_of_quiet_peers_cost_no_packets_and_no_session_state() {
     let active = a.core.peers().iter().filter(|p| p.active).count();
     assert_eq!(active, 1, "only the peer with traffic holds session state");
 }
+
+/// A map change that gives an idle cold peer a new key sends it nothing: the new key
+/// pair is met at the next packet (a warm peer, or one with a session, is rekeyed at
+/// once).
+#[test]
+fn a_new_key_for_an_idle_cold_peer_sends_nothing() {
+    let (mut net, a, b) = pair();
+    let mut cfg = peer_config(&b);
+    cfg.public_key = public(&secret(77));
+    set_peers(&mut net, &a, vec![cfg.clone()]);
+    assert!(net.queue.is_empty(), "an initiation to an idle cold peer");
+    cfg.public_key = public(&secret(78));
+    set_peers(&mut net, &a, vec![warm(cfg, 25)]);
+    assert_eq!(net.queue.len(), 1, "a warm peer is rekeyed at once");
+}
