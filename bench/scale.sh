@@ -96,14 +96,15 @@ if [[ ${BENCH_DAEMON:-1} == 1 ]]; then
     ip -n "$NS" link set v0 up
     ip -n "$NS" link set v1 up
     echo
-    printf '%-8s %-9s %-9s %-12s %-9s %-12s %s\n' nodes "ready s" "change s" "status s" "idle CPU%" "to silent/s" "RSS MiB"
+    printf '%-8s %-8s %-9s %-8s %-9s %-12s %-12s %-10s %-12s %s\n' nodes "ready s" "change s" "read ms" "apply ms" "status idle" "status rld" "idle CPU%" "to silent/s" "RSS MiB"
     python3 "$REPO/bench/scale_daemon.py" "$FLYNODE" "$NS" "$DIR" "${BENCH_IDLE:-30}" \
       ${BENCH_DAEMON_SIZES:-1000 5000 10000} | while read -r line; do
       python3 - "$line" <<'PY'
 import json, sys
 r = json.loads(sys.argv[1])
-print(f"{r['nodes']:<8} {r['ready_s']:<9} {r['change_s']!s:<9} {r['status_during_reload_s']:<12} "
-      f"{r['idle_cpu_pct']:<9} {r['to_silent_pkt_s']:<12} {r['rss_mib']}")
+print(f"{r['nodes']:<8} {r['ready_s']:<8} {r['change_s']!s:<9} {r['read_ms']!s:<8} {r['apply_ms']!s:<9} "
+      f"{r['status_idle_s']:<12} {r['status_during_reload_s']:<12} {r['idle_cpu_pct']:<10} "
+      f"{r['to_silent_pkt_s']:<12} {r['rss_mib']}")
 PY
     done
     echo "targets (5,000 nodes): ready <= 5 s, change <= 0.1 s, status <= 0.1 s, idle CPU <= 2%, <= 10 pkt/s to silent peers; RSS at 10,000 <= 128 MiB"

@@ -5,7 +5,11 @@ on), in a network namespace this script is given. For each N it measures:
 
 - ready: from the start of `flynode run` until its control socket answers `status`;
 - change: a one-node change to the routing file (a new node added, SIGHUP) until
-  `status` reports it;
+  `status` reports it (so it includes a status call), and the daemon's own account of
+  it from its log (read_ms: reading and validating the file, without the state lock;
+  apply_ms: applying it, under the lock);
+- status idle: the quickest of three `flynode status --json` calls at idle (process
+  start, the daemon's snapshot of every peer, JSON both ways);
 - status during reload: the slowest of the `flynode status` calls made while that
   reload is read and applied;
 - idle CPU: the daemon's CPU time over an idle window, as % of one core;
@@ -114,6 +118,7 @@ def one(flynode: str, ns: str, base: str, idle: float, n: int) -> dict:
         time.sleep(idle)
         cpu1, tx1, w1 = cpu_seconds(proc.pid), tx_packets(ns), time.monotonic()
         rss = rss_mib(proc.pid)
+        status_idle = min(status(flynode, sock)[0] for _ in range(3))
         # A one-node change: add a node, SIGHUP, until status shows it; status calls
         # meanwhile.
         with open(f"{d}/routing.toml", "a") as f:
@@ -128,10 +133,20 @@ def one(flynode: str, ns: str, base: str, idle: float, n: int) -> dict:
             if s is not None and s["routing"]["nodes"] == n + 1:
                 change = time.monotonic() - t1
                 break
+        # The daemon's own account of that reload (its log line), without the polling.
+        read_ms = apply_ms = None
+        time.sleep(0.2)
+        for line in open(f"{d}/daemon.log"):
+            if "routing map reloaded" in line and f"nodes={n + 1}" in line:
+                fields = dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
+                read_ms, apply_ms = int(fields["read_ms"]), int(fields["apply_ms"])
         return {
             "nodes": n,
             "ready_s": round(ready, 3),
             "change_s": None if change is None else round(change, 3),
+            "read_ms": read_ms,
+            "apply_ms": apply_ms,
+            "status_idle_s": round(status_idle, 3),
             "status_during_reload_s": round(slowest, 3),
             "idle_cpu_pct": round(100 * (cpu1 - cpu0) / (w1 - w0), 2),
             "to_silent_pkt_s": round((tx1 - tx0) / (w1 - w0), 2),

@@ -483,10 +483,22 @@ fn reload(state: &Mutex<State>) {
     // without the state lock, so `status`, the metrics and `keys rotate` answer
     // meanwhile; only applying the result holds it. Reloads come from one task, so two
     // never race to apply.
+    let started = Instant::now();
     let loaded = load_routing(&config);
+    let read = started.elapsed();
     let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
     match loaded {
-        Ok(routing) => apply_routing(&mut state, routing),
+        Ok(routing) => {
+            let nodes = routing.nodes.len();
+            let locked = Instant::now();
+            apply_routing(&mut state, routing);
+            tracing::info!(
+                nodes,
+                read_ms = read.as_millis() as u64,
+                apply_ms = locked.elapsed().as_millis() as u64,
+                "routing map reloaded"
+            );
+        }
         Err(e) => tracing::error!(error = %e, "routing map rejected, the last good map stays"),
     }
 }

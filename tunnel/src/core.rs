@@ -268,6 +268,8 @@ struct Slot {
     /// The session state, made on first need and dropped again when a cold peer has
     /// been idle (`None` costs nothing but this word).
     tunn: Mutex<Option<Box<Tunn>>>,
+    /// `tunn` is `Some`: read without the lock by the timers, which skip idle peers.
+    held: AtomicBool,
     /// Milliseconds since [`Core`] start of the last authenticated packet on this slot.
     last_rx_ms: AtomicU64,
     /// A session on this slot has carried data both ways (boringtun's "current" session).
@@ -297,7 +299,15 @@ impl Slot {
         })
     }
 
+    /// Drops the session state (`guard` is this slot's lock, held).
+    fn release(&self, guard: &mut Option<Box<Tunn>>) {
+        *guard = None;
+        self.held.store(false, Relaxed);
+        self.confirmed.store(false, Relaxed);
+    }
+
     fn new_tunn(&self) -> Box<Tunn> {
+        self.held.store(true, Relaxed);
         // No persistent keepalive inside boringtun: `demand` decides who sends them.
         Box::new(Tunn::new(
             self.own.secret.clone(),
@@ -516,6 +526,7 @@ impl Core {
             own: Arc::clone(own),
             peer_key,
             tunn: Mutex::new(None),
+            held: AtomicBool::new(false),
             last_rx_ms: AtomicU64::new(self.now_ms()),
             confirmed: AtomicBool::new(false),
         })
@@ -1084,6 +1095,14 @@ impl Core {
         let now = self.now_ms();
         let mut retire = false;
         for peer in &tables.peers {
+            {
+                // Most peers of a large map: no session state and nothing wanting one.
+                // Nothing to drive; two atomic reads and on.
+                let slots = peer.slots.load();
+                if slots.len() == 1 && !slots[0].held.load(Relaxed) && !peer.demand.wanted(now) {
+                    continue;
+                }
+            }
             let primary = peer.primary.load_full();
             for slot in peer.slots.load().iter() {
                 let is_primary = Arc::ptr_eq(slot, &primary);
@@ -1165,8 +1184,7 @@ impl Core {
             if demand.idle(now, slot.last_rx_ms.load(Relaxed), idle_release)
                 && peer.slots.load().len() == 1
             {
-                *guard = None;
-                slot.confirmed.store(false, Relaxed);
+                slot.release(&mut guard);
                 self.counters.sessions_released.fetch_add(1, Relaxed);
             }
             return;
@@ -1179,7 +1197,7 @@ impl Core {
             // Nothing wants it: drop what a failed attempt left (queued packets are
             // stale by now), once it has been quiet for as long as a session would.
             if guard.is_some() && demand.idle(now, slot.last_rx_ms.load(Relaxed), idle_release) {
-                *guard = None;
+                slot.release(&mut guard);
             }
             return;
         }
@@ -1298,7 +1316,7 @@ impl Core {
                     session_up: primary.has_session(),
                     slots: p.slots.load().len(),
                     warm: p.demand.warm(),
-                    active: p.slots.load().iter().any(|s| s.tunn.lock().is_some()),
+                    active: p.slots.load().iter().any(|s| s.held.load(Relaxed)),
                     handshake_failures: p.demand.failures.load(Relaxed),
                     unreachable_secs: p
                         .demand
