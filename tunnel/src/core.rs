@@ -234,6 +234,10 @@ pub struct Peer {
     pub counters: PeerCounters,
     /// Whether and when it gets a handshake or a keepalive (lazy sessions).
     demand: Demand,
+    /// On the timers' list.
+    queued: AtomicBool,
+    /// No longer in the map (the timers drop it).
+    removed: AtomicBool,
 }
 
 impl fmt::Debug for Peer {
@@ -446,6 +450,8 @@ pub struct Core {
     next_index: AtomicU32,
     retire_idle_ms: AtomicU64,
     idle_release_ms: AtomicU64,
+    /// The peers the timers visit (see [`Core::activate`]).
+    active: Mutex<Vec<Arc<Peer>>>,
     /// Added to the clock (tests move time forward with it).
     clock_offset_ms: AtomicU64,
     pub counters: CoreCounters,
@@ -465,6 +471,7 @@ impl Core {
             next_index: AtomicU32::new(u32::from_le_bytes(seed) & 0x00ff_ffff),
             retire_idle_ms: AtomicU64::new(RETIRE_IDLE.as_millis() as u64),
             idle_release_ms: AtomicU64::new(demand::IDLE_RELEASE_MS),
+            active: Mutex::new(Vec::new()),
             clock_offset_ms: AtomicU64::new(0),
             counters: CoreCounters::default(),
         }
@@ -576,6 +583,8 @@ impl Core {
                     name: Arc::clone(&cfg.name),
                     endpoint: ArcSwapOption::from_pointee(cfg.endpoint),
                     demand: Demand::new(cfg.warm, u64::from(slot.index)),
+                    queued: AtomicBool::new(false),
+                    removed: AtomicBool::new(false),
                     slots: ArcSwap::from_pointee(vec![Arc::clone(&slot)]),
                     primary: ArcSwap::new(slot),
                     counters: PeerCounters::default(),
@@ -622,9 +631,18 @@ impl Core {
             peer.config.store(Arc::new(cfg));
             peers.push(Arc::clone(peer));
         }
+        for gone in existing.values() {
+            gone.removed.store(true, Relaxed);
+        }
         diff.removed = existing.into_keys().map(Arc::from).collect();
         diff.added.sort();
         diff.removed.sort();
+        let now = self.now_ms();
+        for peer in &peers {
+            if self.busy(peer, now) {
+                self.activate(peer);
+            }
+        }
         self.publish(peers);
         diff
     }
@@ -776,6 +794,7 @@ impl Core {
             slot = arc_swap::Guard::from_inner(Arc::clone(other));
         }
         let now = self.now_ms();
+        self.activate_named(peer);
         let result = slot.tunn().encapsulate(packet, out);
         match result {
             TunnResult::WriteToNetwork(msg) => {
@@ -853,6 +872,7 @@ impl Core {
             },
         };
         let msg_type = datagram[0];
+        self.activate(&peer);
         let mut tunn = slot.tunn();
         match tunn.decapsulate(Some(src.ip()), datagram, out) {
             TunnResult::WriteToNetwork(reply) => {
@@ -1091,50 +1111,89 @@ impl Core {
         if let Some(p) = &keys.previous {
             p.limiter.reset_count();
         }
-        let tables = self.tables.load_full();
         let now = self.now_ms();
         let mut retire = false;
-        for peer in &tables.peers {
-            {
-                // Most peers of a large map: no session state and nothing wanting one.
-                // Nothing to drive; two atomic reads and on.
-                let slots = peer.slots.load();
-                if slots.len() == 1 && !slots[0].held.load(Relaxed) && !peer.demand.wanted(now) {
-                    continue;
+        // Only the peers with something going on (see `activate`): a large map's idle
+        // peers cost the timers nothing, not even a visit.
+        let mut active = std::mem::take(&mut *self.active.lock());
+        active.retain(|peer| {
+            if !peer.removed.load(Relaxed) {
+                self.tick(peer, now, &mut retire, scratch, net);
+                if self.busy(peer, now) {
+                    return true;
                 }
             }
-            let primary = peer.primary.load_full();
-            for slot in peer.slots.load().iter() {
-                let is_primary = Arc::ptr_eq(slot, &primary);
-                if !is_primary && primary.has_session() {
-                    // Superseded: keep it only while packets still arrive on it, and
-                    // let it neither keepalive nor rekey.
-                    if now.saturating_sub(slot.last_rx_ms.load(Relaxed))
-                        >= self.retire_idle_ms.load(Relaxed)
-                    {
-                        retire = true;
-                    }
-                    continue;
-                }
-                let Some(dst) = peer.endpoint() else { continue };
-                if is_primary {
-                    self.drive(peer, slot, dst, now, scratch, net);
-                    continue;
-                }
-                // A key pair being negotiated next to a primary without a session.
-                let mut guard = slot.tunn.lock();
-                let Some(tunn) = guard.as_mut() else { continue };
-                match tunn.update_timers(scratch) {
-                    TunnResult::WriteToNetwork(msg) => net(dst, msg),
-                    TunnResult::Err(WireGuardError::ConnectionExpired) => {
-                        slot.confirmed.store(false, Relaxed);
-                    }
-                    _ => {}
-                }
-            }
-        }
+            peer.queued.store(false, Relaxed);
+            // Something may have made it busy since the check: then it stays (or was
+            // queued again by whoever did, and is in the list already).
+            !peer.removed.load(Relaxed) && self.busy(peer, now) && !peer.queued.swap(true, Relaxed)
+        });
+        self.active.lock().append(&mut active);
         if retire {
             self.retire_slots();
+        }
+    }
+
+    /// One peer's timers, every key pair of it.
+    fn tick(
+        &self,
+        peer: &Peer,
+        now: u64,
+        retire: &mut bool,
+        scratch: &mut [u8],
+        net: &mut dyn FnMut(SocketAddr, &[u8]),
+    ) {
+        let primary = peer.primary.load_full();
+        for slot in peer.slots.load().iter() {
+            let is_primary = Arc::ptr_eq(slot, &primary);
+            if !is_primary && primary.has_session() {
+                // Superseded: keep it only while packets still arrive on it, and let it
+                // neither keepalive nor rekey.
+                if now.saturating_sub(slot.last_rx_ms.load(Relaxed))
+                    >= self.retire_idle_ms.load(Relaxed)
+                {
+                    *retire = true;
+                }
+                continue;
+            }
+            let Some(dst) = peer.endpoint() else { continue };
+            if is_primary {
+                self.drive(peer, slot, dst, now, scratch, net);
+                continue;
+            }
+            // A key pair being negotiated next to a primary without a session.
+            let mut guard = slot.tunn.lock();
+            let Some(tunn) = guard.as_mut() else { continue };
+            match tunn.update_timers(scratch) {
+                TunnResult::WriteToNetwork(msg) => net(dst, msg),
+                TunnResult::Err(WireGuardError::ConnectionExpired) => {
+                    slot.confirmed.store(false, Relaxed);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Whether a peer needs its timers: it holds session state, has a second key pair,
+    /// or is wanted (warm, or asked for by a packet).
+    fn busy(&self, peer: &Peer, now: u64) -> bool {
+        let slots = peer.slots.load();
+        slots.len() > 1 || slots.iter().any(|s| s.held.load(Relaxed)) || peer.demand.wanted(now)
+    }
+
+    /// Puts a peer that something just made busy on the timers' list (once).
+    fn activate(&self, peer: &Arc<Peer>) {
+        if !peer.queued.load(Relaxed) && !peer.queued.swap(true, Relaxed) {
+            self.active.lock().push(Arc::clone(peer));
+        }
+    }
+
+    /// [`Self::activate`] for a caller holding the peer by reference only.
+    fn activate_named(&self, peer: &Peer) {
+        if !peer.queued.load(Relaxed)
+            && let Some(p) = self.tables.load().by_name.get(&peer.name)
+        {
+            self.activate(p);
         }
     }
 

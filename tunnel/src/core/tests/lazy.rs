@@ -216,6 +216,11 @@ fn thousands_of_quiet_peers_cost_no_packets_and_no_session_state() {
     assert_eq!(quiet_packets, 0);
     let active = a.core.peers().iter().filter(|p| p.active).count();
     assert_eq!(active, 1, "only the peer with traffic holds session state");
+    assert_eq!(
+        a.core.active.lock().len(),
+        1,
+        "the timers visit only the peer with something going on"
+    );
 }
 
 /// A map change that gives an idle cold peer a new key sends it nothing: the new key
