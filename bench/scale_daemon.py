@@ -4,14 +4,14 @@ of N nodes, all but itself silent (their endpoints lead to a veth peer nobody an
 on), in a network namespace this script is given. For each N it measures:
 
 - ready: from the start of `flynode run` until its control socket answers `status`;
-- change: a one-node change to the routing file (a new node added, SIGHUP) until
-  `status` reports it (so it includes a status call), and the daemon's own account of
-  it from its log (read_ms: reading and validating the file, without the state lock;
-  apply_ms: applying it, under the lock);
+- change: a one-node change to the routing file (a new node added, SIGHUP) until the
+  daemon logs it applied, and the daemon's own account of it from that line (read_ms:
+  reading and validating the file, without the state lock; apply_ms: applying it,
+  under the lock);
 - status idle: the quickest of three `flynode status --json` calls at idle (process
   start, the daemon's snapshot of every peer, JSON both ways);
-- status during reload: the slowest of the `flynode status` calls made while that
-  reload is read and applied;
+- status during reload: the slowest of the `flynode status` calls made, one after
+  the other, while a second one-node change is read and applied;
 - idle CPU: the daemon's CPU time over an idle window, as % of one core;
 - to silent peers: packets the daemon's veth sent in that window, per second;
 - RSS after the window (VmRSS).
@@ -119,27 +119,40 @@ def one(flynode: str, ns: str, base: str, idle: float, n: int) -> dict:
         cpu1, tx1, w1 = cpu_seconds(proc.pid), tx_packets(ns), time.monotonic()
         rss = rss_mib(proc.pid)
         status_idle = min(status(flynode, sock)[0] for _ in range(3))
-        # A one-node change: add a node, SIGHUP, until status shows it; status calls
-        # meanwhile.
-        with open(f"{d}/routing.toml", "a") as f:
-            key = base64.b64encode(hashlib.sha256(b"added").digest()).decode()
-            f.write(node_entry(n, key, BLACKHOLE, f"fd00:f1::{n + 1:x}"))
+        def add_node(i: int) -> None:
+            with open(f"{d}/routing.toml", "a") as f:
+                key = base64.b64encode(hashlib.sha256(b"added %d" % i).digest()).decode()
+                f.write(node_entry(i, key, BLACKHOLE, f"fd00:f1::{i + 1:x}"))
+
+        def reloaded(nodes: int):
+            for line in open(f"{d}/daemon.log"):
+                if "routing map reloaded" in line and f"nodes={nodes} " in line:
+                    fields = dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
+                    return int(fields["read_ms"]), int(fields["apply_ms"])
+            return None
+
+        # A one-node change, timed by the daemon's log line (nothing else running).
+        add_node(n)
         t1 = time.monotonic()
         os.kill(proc.pid, signal.SIGHUP)
-        slowest, change = 0.0, None
+        change = timing = None
         while time.monotonic() - t1 < 60:
-            took, s = status(flynode, sock)
-            slowest = max(slowest, took)
-            if s is not None and s["routing"]["nodes"] == n + 1:
+            timing = reloaded(n + 1)
+            if timing is not None:
                 change = time.monotonic() - t1
                 break
-        # The daemon's own account of that reload (its log line), without the polling.
-        read_ms = apply_ms = None
-        time.sleep(0.2)
-        for line in open(f"{d}/daemon.log"):
-            if "routing map reloaded" in line and f"nodes={n + 1}" in line:
-                fields = dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
-                read_ms, apply_ms = int(fields["read_ms"]), int(fields["apply_ms"])
+            time.sleep(0.005)
+        read_ms, apply_ms = timing or (None, None)
+        # Another, with status asked again and again while it is read and applied.
+        add_node(n + 1)
+        t2 = time.monotonic()
+        os.kill(proc.pid, signal.SIGHUP)
+        slowest = 0.0
+        while time.monotonic() - t2 < 60:
+            took, s = status(flynode, sock)
+            slowest = max(slowest, took)
+            if s is not None and s["routing"]["nodes"] == n + 2:
+                break
         return {
             "nodes": n,
             "ready_s": round(ready, 3),
