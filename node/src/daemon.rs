@@ -188,7 +188,7 @@ fn write_cache(path: &std::path::Path, view: &View) {
 }
 
 /// The map a view makes; new rejections are logged once each.
-fn assemble_view(fleet: &mut Fleet, view: &View) -> RoutingMap {
+fn assemble_view(fleet: &mut Assembly, view: &View) -> RoutingMap {
     let assembled = view.assemble_cached(&fleet.layout, &mut fleet.parsed);
     for (key, error) in &assembled.rejected {
         if fleet.rejected.get(key) != Some(error) {
@@ -213,7 +213,12 @@ async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
             let (mut fleet, first) = start_fleet(&config, &public_key).await?;
             let routing = first
                 .as_deref()
-                .map(|view| assemble_view(&mut fleet, view))
+                .map(|view| {
+                    let mut assembly = fleet.assembly();
+                    let map = assemble_view(&mut assembly, view);
+                    fleet.restore(assembly);
+                    map
+                })
                 .unwrap_or_default();
             (Some(fleet), routing)
         }
@@ -455,19 +460,66 @@ async fn next_view(
 }
 
 fn apply_view(state: &Mutex<State>, view: &View) {
+    // Assembling the map of a large fleet and writing the view's cache take a while:
+    // done without the state lock (status, metrics and keys rotate answer meanwhile),
+    // on a copy of what assembly needs, its record cache taken out and put back. Views
+    // are applied by the main loop alone, so nothing else touches the cache meanwhile.
+    let (mut fleet, cache_path) = {
+        let mut guard = state.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(fleet) = guard.fleet.as_mut() else {
+            return;
+        };
+        if fleet.revision == Some(view.revision) {
+            return; // a resync that found nothing new
+        }
+        (fleet.assembly(), fleet.cache.clone())
+    };
+    let started = Instant::now();
+    let routing = assemble_view(&mut fleet, view);
+    write_cache(&cache_path, view);
+    let assembled = started.elapsed();
     let mut guard = state.lock().unwrap_or_else(PoisonError::into_inner);
     let state = &mut *guard;
-    let Some(fleet) = state.fleet.as_mut() else {
-        return;
-    };
-    if fleet.revision == Some(view.revision) {
-        return; // a resync that found nothing new
+    if let Some(f) = state.fleet.as_mut() {
+        f.restore(fleet);
     }
-    let routing = assemble_view(fleet, view);
-    write_cache(&fleet.cache, view);
-    let revision = view.revision;
+    let (revision, nodes) = (view.revision, routing.nodes.len());
+    let locked = Instant::now();
     apply_routing(state, routing);
-    tracing::debug!(revision, "etcd view applied");
+    tracing::debug!(
+        revision,
+        nodes,
+        assemble_ms = assembled.as_millis() as u64,
+        apply_ms = locked.elapsed().as_millis() as u64,
+        "etcd view applied"
+    );
+}
+
+/// What assembling an etcd view needs of the fleet state, held outside the lock.
+struct Assembly {
+    layout: Layout,
+    parsed: crate::routing::RecordCache,
+    rejected: std::collections::BTreeMap<String, String>,
+    revision: Option<i64>,
+}
+
+impl Fleet {
+    /// Takes the record cache out (and copies the rest) for an assembly.
+    fn assembly(&mut self) -> Assembly {
+        Assembly {
+            layout: self.layout.clone(),
+            parsed: std::mem::take(&mut self.parsed),
+            // Copied, not taken: status shows them meanwhile.
+            rejected: self.rejected.clone(),
+            revision: self.revision,
+        }
+    }
+
+    fn restore(&mut self, a: Assembly) {
+        self.parsed = a.parsed;
+        self.rejected = a.rejected;
+        self.revision = a.revision;
+    }
 }
 
 fn reload(state: &Mutex<State>) {
