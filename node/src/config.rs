@@ -123,6 +123,10 @@ pub struct XdpConfig {
     /// How selected datagrams reach flynode: AF_XDP sockets or ordinary UDP sockets.
     #[serde(default)]
     pub backend: crate::ingress::BackendChoice,
+    /// The addresses services may claim as anycast on this node. A routing-map service
+    /// address outside them is not steered (logged); unset: any address.
+    #[serde(default, deserialize_with = "de::opt_prefixes")]
+    pub anycast_prefixes: Option<Vec<ipnet::IpNet>>,
 }
 
 /// The scheduling policy of the mesh's data-path threads.

@@ -268,7 +268,7 @@ async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
         "XDP program attached"
     );
     let native = xdp.mode() == Some(crate::xdp::AttachedMode::Native);
-    let entries = endpoint_entries(&routing, &own_wireguard(&config, &routing, native));
+    let entries = service_endpoints(&config, &routing, native);
     let diff = xdp.apply_endpoints(&entries)?;
     tracing::info!(
         node = %config.node_id,
@@ -555,6 +555,27 @@ fn reload(state: &Mutex<State>) {
     }
 }
 
+/// The (address, port) entries XDP steers and the ingress serves: the map's services
+/// within `[xdp] anycast_prefixes` (those outside are logged, each time the map is
+/// applied) and this node's WireGuard endpoint.
+fn service_endpoints(
+    config: &Config,
+    routing: &RoutingMap,
+    native: bool,
+) -> std::collections::BTreeMap<flynode_xdp_common::ServiceKey, flynode_xdp_common::ServiceValue> {
+    let prefixes = config.xdp.anycast_prefixes.as_deref();
+    if let Some(prefixes) = prefixes {
+        for (endpoint, service) in crate::xdp::refused_anycast(routing, prefixes) {
+            tracing::warn!(
+                %endpoint,
+                %service,
+                "not serving a routing-map anycast address outside [xdp] anycast_prefixes"
+            );
+        }
+    }
+    endpoint_entries(routing, &own_wireguard(config, routing, native), prefixes)
+}
+
 /// Applies a new routing map to peers, forwarding, reply rules, ingress sockets and the
 /// XDP maps, each as a diff against what is in force.
 fn apply_routing(state: &mut State, routing: RoutingMap) {
@@ -573,7 +594,7 @@ fn apply_routing(state: &mut State, routing: RoutingMap) {
         );
     }
     let native = state.xdp.mode() == Some(crate::xdp::AttachedMode::Native);
-    let entries = endpoint_entries(&routing, &own_wireguard(&state.config, &routing, native));
+    let entries = service_endpoints(&state.config, &routing, native);
     if let Some(ingress) = &mut state.ingress {
         ingress.apply(&entries);
     }

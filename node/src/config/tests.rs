@@ -179,7 +179,7 @@ fn unknown_top_level_field_is_located_and_lists_valid_fields() {
 fn unknown_nested_field_names_its_table() {
     assert_eq!(
         err(&format!("{MINIMAL}speed = 10\n")),
-        "/etc/flynode/flynode.toml:6:1: xdp: unknown field `speed`, expected one of `interface`, `mode`, `backend`"
+        "/etc/flynode/flynode.toml:6:1: xdp: unknown field `speed`, expected one of `interface`, `mode`, `backend`, `anycast_prefixes`"
     );
     assert_eq!(
         err(&format!(
