@@ -123,6 +123,10 @@ pub struct XdpConfig {
     /// How selected datagrams reach flynode: AF_XDP sockets or ordinary UDP sockets.
     #[serde(default)]
     pub backend: crate::ingress::BackendChoice,
+    /// The addresses services may claim as anycast on this node. A routing-map service
+    /// address outside them is not steered (logged); unset: any address.
+    #[serde(default, deserialize_with = "de::opt_prefixes")]
+    pub anycast_prefixes: Option<Vec<ipnet::IpNet>>,
 }
 
 /// The scheduling policy of the mesh's data-path threads.
@@ -183,6 +187,10 @@ pub struct MetricsConfig {
     /// network).
     #[serde(deserialize_with = "de::socket_addr")]
     pub listen: SocketAddr,
+    /// Per-peer series for at most this many peers (those with a session first; 0:
+    /// none). The `flynode_peers` gauges always count every peer.
+    #[serde(deserialize_with = "de::count_or_zero")]
+    pub max_peer_series: usize,
 }
 
 impl Default for MetricsConfig {
@@ -190,6 +198,7 @@ impl Default for MetricsConfig {
         MetricsConfig {
             enabled: true,
             listen: SocketAddr::from(([127, 0, 0, 1], 9477)),
+            max_peer_series: 256,
         }
     }
 }

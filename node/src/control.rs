@@ -60,6 +60,9 @@ pub struct MeshStatus {
     pub mtu: u16,
     pub listen_port: u16,
     pub rotation: RotationStatus,
+    /// Peers by state, over all of them (the metrics may list fewer one by one).
+    #[serde(default)]
+    pub peer_summary: crate::mesh::PeerSummary,
     pub peers: Vec<PeerInfo>,
     /// Datagrams and packets dropped, by reason (never logged one by one).
     pub drops: BTreeMap<String, u64>,
@@ -500,6 +503,7 @@ mod tests {
                     total: 0,
                     grace_left_secs: None,
                 },
+                peer_summary: Default::default(),
                 peers: vec![],
                 drops: BTreeMap::from([("malformed".into(), 1)]),
                 counters: BTreeMap::new(),

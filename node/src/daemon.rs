@@ -188,7 +188,7 @@ fn write_cache(path: &std::path::Path, view: &View) {
 }
 
 /// The map a view makes; new rejections are logged once each.
-fn assemble_view(fleet: &mut Fleet, view: &View) -> RoutingMap {
+fn assemble_view(fleet: &mut Assembly, view: &View) -> RoutingMap {
     let assembled = view.assemble_cached(&fleet.layout, &mut fleet.parsed);
     for (key, error) in &assembled.rejected {
         if fleet.rejected.get(key) != Some(error) {
@@ -213,7 +213,12 @@ async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
             let (mut fleet, first) = start_fleet(&config, &public_key).await?;
             let routing = first
                 .as_deref()
-                .map(|view| assemble_view(&mut fleet, view))
+                .map(|view| {
+                    let mut assembly = fleet.assembly();
+                    let map = assemble_view(&mut assembly, view);
+                    fleet.restore(assembly);
+                    map
+                })
                 .unwrap_or_default();
             (Some(fleet), routing)
         }
@@ -263,7 +268,7 @@ async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
         "XDP program attached"
     );
     let native = xdp.mode() == Some(crate::xdp::AttachedMode::Native);
-    let entries = endpoint_entries(&routing, &own_wireguard(&config, &routing, native));
+    let entries = service_endpoints(&config, &routing, native);
     let diff = xdp.apply_endpoints(&entries)?;
     tracing::info!(
         node = %config.node_id,
@@ -342,10 +347,13 @@ async fn run_until_signalled(config: Config) -> anyhow::Result<()> {
         // Weak: the endpoint must not keep the state (XDP program, mesh) alive past
         // shutdown; a scrape then gets a 500.
         let state = Arc::downgrade(&state);
+        let max_peers = metrics.max_peer_series;
         tokio::spawn(server.serve(move || {
             let state = state.upgrade().context("the daemon is shutting down")?;
             let state = state.lock().unwrap_or_else(PoisonError::into_inner);
-            status(&state)
+            let mut status = status(&state)?;
+            crate::metrics::limit_peer_series(&mut status, max_peers);
+            Ok(status)
         }));
     }
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -452,19 +460,66 @@ async fn next_view(
 }
 
 fn apply_view(state: &Mutex<State>, view: &View) {
+    // Assembling the map of a large fleet and writing the view's cache take a while:
+    // done without the state lock (status, metrics and keys rotate answer meanwhile),
+    // on a copy of what assembly needs, its record cache taken out and put back. Views
+    // are applied by the main loop alone, so nothing else touches the cache meanwhile.
+    let (mut fleet, cache_path) = {
+        let mut guard = state.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(fleet) = guard.fleet.as_mut() else {
+            return;
+        };
+        if fleet.revision == Some(view.revision) {
+            return; // a resync that found nothing new
+        }
+        (fleet.assembly(), fleet.cache.clone())
+    };
+    let started = Instant::now();
+    let routing = assemble_view(&mut fleet, view);
+    write_cache(&cache_path, view);
+    let assembled = started.elapsed();
     let mut guard = state.lock().unwrap_or_else(PoisonError::into_inner);
     let state = &mut *guard;
-    let Some(fleet) = state.fleet.as_mut() else {
-        return;
-    };
-    if fleet.revision == Some(view.revision) {
-        return; // a resync that found nothing new
+    if let Some(f) = state.fleet.as_mut() {
+        f.restore(fleet);
     }
-    let routing = assemble_view(fleet, view);
-    write_cache(&fleet.cache, view);
-    let revision = view.revision;
+    let (revision, nodes) = (view.revision, routing.nodes.len());
+    let locked = Instant::now();
     apply_routing(state, routing);
-    tracing::debug!(revision, "etcd view applied");
+    tracing::debug!(
+        revision,
+        nodes,
+        assemble_ms = assembled.as_millis() as u64,
+        apply_ms = locked.elapsed().as_millis() as u64,
+        "etcd view applied"
+    );
+}
+
+/// What assembling an etcd view needs of the fleet state, held outside the lock.
+struct Assembly {
+    layout: Layout,
+    parsed: crate::routing::RecordCache,
+    rejected: std::collections::BTreeMap<String, String>,
+    revision: Option<i64>,
+}
+
+impl Fleet {
+    /// Takes the record cache out (and copies the rest) for an assembly.
+    fn assembly(&mut self) -> Assembly {
+        Assembly {
+            layout: self.layout.clone(),
+            parsed: std::mem::take(&mut self.parsed),
+            // Copied, not taken: status shows them meanwhile.
+            rejected: self.rejected.clone(),
+            revision: self.revision,
+        }
+    }
+
+    fn restore(&mut self, a: Assembly) {
+        self.parsed = a.parsed;
+        self.rejected = a.rejected;
+        self.revision = a.revision;
+    }
 }
 
 fn reload(state: &Mutex<State>) {
@@ -480,12 +535,45 @@ fn reload(state: &Mutex<State>) {
     // without the state lock, so `status`, the metrics and `keys rotate` answer
     // meanwhile; only applying the result holds it. Reloads come from one task, so two
     // never race to apply.
+    let started = Instant::now();
     let loaded = load_routing(&config);
+    let read = started.elapsed();
     let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
     match loaded {
-        Ok(routing) => apply_routing(&mut state, routing),
+        Ok(routing) => {
+            let nodes = routing.nodes.len();
+            let locked = Instant::now();
+            apply_routing(&mut state, routing);
+            tracing::info!(
+                nodes,
+                read_ms = read.as_millis() as u64,
+                apply_ms = locked.elapsed().as_millis() as u64,
+                "routing map reloaded"
+            );
+        }
         Err(e) => tracing::error!(error = %e, "routing map rejected, the last good map stays"),
     }
+}
+
+/// The (address, port) entries XDP steers and the ingress serves: the map's services
+/// within `[xdp] anycast_prefixes` (those outside are logged, each time the map is
+/// applied) and this node's WireGuard endpoint.
+fn service_endpoints(
+    config: &Config,
+    routing: &RoutingMap,
+    native: bool,
+) -> std::collections::BTreeMap<flynode_xdp_common::ServiceKey, flynode_xdp_common::ServiceValue> {
+    let prefixes = config.xdp.anycast_prefixes.as_deref();
+    if let Some(prefixes) = prefixes {
+        for (endpoint, service) in crate::xdp::refused_anycast(routing, prefixes) {
+            tracing::warn!(
+                %endpoint,
+                %service,
+                "not serving a routing-map anycast address outside [xdp] anycast_prefixes"
+            );
+        }
+    }
+    endpoint_entries(routing, &own_wireguard(config, routing, native), prefixes)
 }
 
 /// Applies a new routing map to peers, forwarding, reply rules, ingress sockets and the
@@ -506,7 +594,7 @@ fn apply_routing(state: &mut State, routing: RoutingMap) {
         );
     }
     let native = state.xdp.mode() == Some(crate::xdp::AttachedMode::Native);
-    let entries = endpoint_entries(&routing, &own_wireguard(&state.config, &routing, native));
+    let entries = service_endpoints(&state.config, &routing, native);
     if let Some(ingress) = &mut state.ingress {
         ingress.apply(&entries);
     }
@@ -617,19 +705,27 @@ fn status(state: &State) -> anyhow::Result<Status> {
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.load(std::sync::atomic::Ordering::Relaxed)))
+    .chain(
+        [
+            ("cookies_sent", &core.counters.cookies_sent),
+            ("handshake_initiations", &core.counters.initiations),
+            ("sessions_released", &core.counters.sessions_released),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.load(std::sync::atomic::Ordering::Relaxed))),
+    )
     .chain(std::iter::once((
-        "cookies_sent".to_owned(),
-        core.counters
-            .cookies_sent
-            .load(std::sync::atomic::Ordering::Relaxed),
+        "handshake_failures".to_owned(),
+        core.unreachable().failures,
     )))
     .collect();
+    let peers: Vec<mesh::PeerInfo> = core.peers().into_iter().map(Into::into).collect();
     let mesh = MeshStatus {
         interface: state.mesh.tun_name().to_owned(),
         mtu: state.mesh.mtu(),
         listen_port: state.config.wireguard.listen_port,
         rotation: mesh::rotation_status(&state.mesh, state.grace),
-        peers: core.peers().into_iter().map(Into::into).collect(),
+        peer_summary: mesh::PeerSummary::of(&peers),
+        peers,
         drops: core
             .counters
             .drops()

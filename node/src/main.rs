@@ -170,7 +170,11 @@ fn main() -> ExitCode {
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // boringtun logs its timers per peer per event (a retried handshake, an
+        // expired session): thousands of lines a minute with a large map. The mesh sums
+        // them up itself (`peers unreachable`, once a minute); RUST_LOG can bring them
+        // back.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,boringtun=off"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -515,12 +519,17 @@ fn status(config: &Path, socket: Option<PathBuf>, json: bool) -> anyhow::Result<
         println!("  service {id:<8} {} datagrams, {} B", t.datagrams, t.bytes);
     }
     let mesh = &status.mesh;
+    let sum = &mesh.peer_summary;
     println!(
-        "mesh      {} mtu {}, udp port {}, {} peers",
+        "mesh      {} mtu {}, udp port {}, {} peers ({} warm, {} active, {} with a session, {} unreachable)",
         mesh.interface,
         mesh.mtu,
         mesh.listen_port,
-        mesh.peers.len()
+        mesh.peers.len(),
+        sum.warm,
+        sum.active,
+        sum.with_session,
+        sum.unreachable
     );
     if let Some(previous) = &mesh.rotation.previous {
         println!(
@@ -532,16 +541,27 @@ fn status(config: &Path, socket: Option<PathBuf>, json: bool) -> anyhow::Result<
         );
     }
     let now = flynode_keys::unix_now();
-    for p in &mesh.peers {
+    // Peers with nothing going on are one line for all of them: a map of thousands
+    // would otherwise print thousands of idle lines.
+    let idle = |p: &&flynode::mesh::PeerInfo| {
+        !p.warm && !p.active && !p.session_up && p.unreachable_secs.is_none()
+    };
+    let idle_peers = mesh.peers.iter().filter(idle).count();
+    for p in mesh.peers.iter().filter(|p| !idle(p)) {
+        let state = match (p.session_up, p.unreachable_secs) {
+            (true, _) => "up  ".to_owned(),
+            (false, Some(secs)) => format!("unreachable {secs}s"),
+            (false, None) => "down".to_owned(),
+        };
         let handshake = match p.last_handshake_unix {
             Some(t) => format!("{}s ago", now.saturating_sub(t)),
             None => "never".to_owned(),
         };
         println!(
-            "  {:<16} {:<8} {} {:<24} handshake {handshake} ({} total), rx {} pkts/{} B, tx {} pkts/{} B, decrypt failures {}, our key {}",
+            "  {:<16} {:<8} {state}{} {:<24} handshake {handshake} ({} total), rx {} pkts/{} B, tx {} pkts/{} B, decrypt failures {}, our key {}",
             p.node,
             &p.public_key[..8.min(p.public_key.len())],
-            if p.session_up { "up  " } else { "down" },
+            if p.warm { " warm" } else { "" },
             p.endpoint.as_deref().unwrap_or("-"),
             p.handshakes,
             p.rx_packets,
@@ -550,6 +570,11 @@ fn status(config: &Path, socket: Option<PathBuf>, json: bool) -> anyhow::Result<
             p.tx_bytes,
             p.decrypt_failures,
             p.own_key
+        );
+    }
+    if idle_peers > 0 {
+        println!(
+            "  ... and {idle_peers} idle peers (no session, nothing to send; `flynode status --json` lists them)"
         );
     }
     let drops: Vec<String> = mesh

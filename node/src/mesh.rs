@@ -62,9 +62,21 @@ pub fn mesh_config(config: &Config) -> anyhow::Result<MeshConfig> {
 }
 
 /// Every node of the map except this one, as tunnel peers.
+///
+/// Sessions are lazy (`flynode_tunnel::core` `demand`): only the workers of the map's
+/// services are warm, i.e. get a session and keepalives without traffic, because this
+/// node, as an edge, picks only workers whose session is alive and must see a dead one
+/// before a flow is sent to it. Every other peer gets a session when a packet needs one
+/// and loses it after two idle minutes; a worker answers the keepalives of the edges
+/// that keep it warm, so they see it alive.
 pub fn peers(config: &Config, routing: &RoutingMap) -> Vec<PeerConfig> {
     let keepalive =
         u16::try_from(config.wireguard.persistent_keepalive.as_secs()).unwrap_or(u16::MAX);
+    let workers: std::collections::HashSet<&str> = routing
+        .services
+        .values()
+        .flat_map(|s| s.workers.iter().map(|w| w.node.as_str()))
+        .collect();
     routing
         .nodes
         .values()
@@ -77,6 +89,7 @@ pub fn peers(config: &Config, routing: &RoutingMap) -> Vec<PeerConfig> {
                 .chain(n.mesh_ipv4.map(IpAddr::V4))
                 .collect(),
             keepalive,
+            warm: workers.contains(n.id.as_str()),
         })
         .collect()
 }
@@ -232,6 +245,42 @@ pub struct PeerInfo {
     pub decrypt_failures: u64,
     /// Fingerprint of our key the outgoing session uses.
     pub own_key: String,
+    /// Kept up without traffic (a worker of a service); other peers' sessions are
+    /// made by traffic and let go when idle.
+    #[serde(default)]
+    pub warm: bool,
+    /// Holds session state now.
+    #[serde(default)]
+    pub active: bool,
+    /// Handshake attempts that went unanswered.
+    #[serde(default)]
+    pub handshake_failures: u64,
+    /// Seconds since the first unanswered attempt, while it has not answered.
+    #[serde(default)]
+    pub unreachable_secs: Option<u64>,
+}
+
+/// The fleet as this node's mesh sees it: how many peers are in what state.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PeerSummary {
+    pub configured: usize,
+    pub warm: usize,
+    pub active: usize,
+    pub with_session: usize,
+    pub unreachable: usize,
+}
+
+impl PeerSummary {
+    pub fn of(peers: &[PeerInfo]) -> PeerSummary {
+        let count = |f: fn(&PeerInfo) -> bool| peers.iter().filter(|p| f(p)).count();
+        PeerSummary {
+            configured: peers.len(),
+            warm: count(|p| p.warm),
+            active: count(|p| p.active),
+            with_session: count(|p| p.session_up),
+            unreachable: count(|p| p.unreachable_secs.is_some()),
+        }
+    }
 }
 
 impl From<PeerStatus> for PeerInfo {
@@ -250,6 +299,10 @@ impl From<PeerStatus> for PeerInfo {
             tx_bytes: p.tx_bytes,
             decrypt_failures: p.decrypt_failures,
             own_key: fingerprint(&p.own_key),
+            warm: p.warm,
+            active: p.active,
+            handshake_failures: p.handshake_failures,
+            unreachable_secs: p.unreachable_secs,
         }
     }
 }

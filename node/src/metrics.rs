@@ -597,6 +597,23 @@ fn tunnel(m: &Exposition, s: &Status, now: u64) {
         &[],
         f64::from(mesh.mtu),
     );
+    // Fleet-level: always there, whatever [metrics] max_peer_series leaves of the
+    // per-peer series below.
+    let sum = &mesh.peer_summary;
+    for (state, n) in [
+        ("configured", sum.configured),
+        ("warm", sum.warm),
+        ("active", sum.active),
+        ("with_session", sum.with_session),
+        ("unreachable", sum.unreachable),
+    ] {
+        m.gauge(
+            "flynode_peers",
+            "Peers of the mesh by state: configured (in the map), warm (kept up without traffic), active (holding session state), with_session, unreachable (not answering handshakes).",
+            &[("state", state)],
+            n as f64,
+        );
+    }
     for p in &mesh.peers {
         let peer = [("peer", p.node.as_str())];
         for (name, help, n) in [
@@ -782,3 +799,20 @@ fn forwarding(m: &Exposition, s: &Status) {
 #[cfg(test)]
 #[path = "metrics/tests.rs"]
 mod tests;
+
+/// Keeps the per-peer series of at most `max` peers (0: none): those with a session
+/// first, then warm ones, then by name, so that a scrape of a node with thousands of
+/// configured peers stays small and still shows the ones that matter. The fleet-level
+/// `flynode_peers` gauges count all of them.
+pub fn limit_peer_series(s: &mut Status, max: usize) {
+    let peers = &mut s.mesh.peers;
+    if peers.len() <= max {
+        return;
+    }
+    peers.sort_by(|a, b| {
+        (b.session_up, b.warm)
+            .cmp(&(a.session_up, a.warm))
+            .then_with(|| a.node.cmp(&b.node))
+    });
+    peers.truncate(max);
+}

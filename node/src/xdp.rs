@@ -488,8 +488,17 @@ pub fn addr_key(addr: IpAddr) -> AddrKey {
 pub fn endpoint_entries(
     map: &RoutingMap,
     own_wireguard: &[SocketAddr],
+    anycast_prefixes: Option<&[ipnet::IpNet]>,
 ) -> BTreeMap<ServiceKey, ServiceValue> {
     let mut entries = service_entries(map);
+    if let Some(prefixes) = anycast_prefixes {
+        entries.retain(|key, _| {
+            // Keys hold IPv4 addresses in their IPv4-mapped form.
+            let v6 = std::net::Ipv6Addr::from(key.addr.addr);
+            let addr = v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4);
+            prefixes.iter().any(|p| p.contains(&addr))
+        });
+    }
     for endpoint in own_wireguard {
         entries.insert(
             ServiceKey::new(addr_key(endpoint.ip()), endpoint.port()),
@@ -497,6 +506,18 @@ pub fn endpoint_entries(
         );
     }
     entries
+}
+
+/// The (anycast address, port) pairs of `map` outside `prefixes` (`[xdp]
+/// anycast_prefixes`), with their service's name: what [`endpoint_entries`] leaves out.
+/// A map may name any address as a service's anycast address; without the list, this
+/// node's XDP program would take over any traffic to it (the host's own DNS or NTP on
+/// its own address, say).
+pub fn refused_anycast(map: &RoutingMap, prefixes: &[ipnet::IpNet]) -> Vec<(SocketAddr, String)> {
+    map.service_endpoints()
+        .filter(|(addr, _, _)| !prefixes.iter().any(|p| p.contains(addr)))
+        .map(|(addr, port, s)| (SocketAddr::new(addr, port), s.name.to_string()))
+        .collect()
 }
 
 /// The services a routing map asks for: one entry per (anycast address, port).
@@ -517,4 +538,35 @@ pub fn service_entries(map: &RoutingMap) -> BTreeMap<ServiceKey, ServiceValue> {
             )
         })
         .collect()
+}
+
+#[cfg(test)]
+mod anycast_tests {
+    use super::*;
+
+    /// A map may name any address as a service's; with `[xdp] anycast_prefixes` only
+    /// those inside are steered, and the rest are reported (issue 29 item 7).
+    #[test]
+    fn services_outside_the_anycast_prefixes_are_not_steered() {
+        let map = RoutingMap::parse(
+            "[[node]]\nid = \"n1\"\nregion = \"r\"\npublic_key = \"0aWsmgFfrC73s0FnNjVRKhUR9B/jfREbJn8DnuxdT1g=\"\nendpoint = \"198.18.0.1:51820\"\nmesh_address = \"fd00:f1::1\"\n\n\
+             [[service]]\nid = 1\nname = \"dns\"\nanycast = [\"198.18.100.1\", \"2001:db8:100::1\"]\nports = [53]\n  [[service.worker]]\n  node = \"n1\"\n  target = [\"198.19.1.2:53\", \"[fd00:c::2]:53\"]\n\n\
+             [[service]]\nid = 2\nname = \"hijack\"\nanycast = [\"198.18.0.1\"]\nports = [123]\n  [[service.worker]]\n  node = \"n1\"\n  target = [\"198.19.1.2:123\"]\n",
+            std::path::Path::new("routing.toml"),
+        )
+        .unwrap();
+        let all = endpoint_entries(&map, &[], None);
+        assert_eq!(all.len(), 3);
+        let prefixes: Vec<ipnet::IpNet> = vec![
+            "198.18.100.0/24".parse().unwrap(),
+            "2001:db8:100::/48".parse().unwrap(),
+        ];
+        let allowed = endpoint_entries(&map, &[], Some(&prefixes));
+        assert_eq!(allowed.len(), 2);
+        assert!(allowed.values().all(|v| v.service_id == 1));
+        assert_eq!(
+            refused_anycast(&map, &prefixes),
+            vec![("198.18.0.1:123".parse().unwrap(), "hijack".to_owned())]
+        );
+    }
 }

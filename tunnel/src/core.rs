@@ -28,11 +28,14 @@ use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
-use parking_lot::Mutex;
+use parking_lot::{MappedMutexGuard, Mutex, MutexGuard};
 use x25519_dalek::{PublicKey, StaticSecret};
 
+mod demand;
 #[cfg(test)]
 mod tests;
+
+use demand::{Attempt, Demand};
 
 /// WireGuard's per-packet overhead: 16-byte data header and 16-byte tag.
 pub const DATA_OVERHEAD: usize = 32;
@@ -59,8 +62,12 @@ pub struct PeerConfig {
     /// The inner addresses this peer owns (its mesh addresses): packets to them are
     /// encrypted for this peer, and packets from this peer must come from one of them.
     pub allowed: Vec<IpAddr>,
-    /// Persistent keepalive interval in seconds (0 = off).
+    /// Persistent keepalive interval in seconds (0 = off), sent only while `warm`
+    /// (a cold peer answers the other side's; see `demand`).
     pub keepalive: u16,
+    /// Keep a session with this peer without traffic (a worker whose liveness the
+    /// edge needs); other peers get one when a packet needs it (see `demand`).
+    pub warm: bool,
 }
 
 /// Why a datagram or packet was dropped. Counted, never logged per packet.
@@ -225,6 +232,12 @@ pub struct Peer {
     /// The slot outgoing traffic uses.
     primary: ArcSwap<Slot>,
     pub counters: PeerCounters,
+    /// Whether and when it gets a handshake or a keepalive (lazy sessions).
+    demand: Demand,
+    /// On the timers' list.
+    queued: AtomicBool,
+    /// No longer in the map (the timers drop it).
+    removed: AtomicBool,
 }
 
 impl fmt::Debug for Peer {
@@ -256,7 +269,11 @@ struct Slot {
     index: u32,
     own: Arc<OwnKey>,
     peer_key: [u8; 32],
-    tunn: Mutex<Tunn>,
+    /// The session state, made on first need and dropped again when a cold peer has
+    /// been idle (`None` costs nothing but this word).
+    tunn: Mutex<Option<Box<Tunn>>>,
+    /// `tunn` is `Some`: read without the lock by the timers, which skip idle peers.
+    held: AtomicBool,
     /// Milliseconds since [`Core`] start of the last authenticated packet on this slot.
     last_rx_ms: AtomicU64,
     /// A session on this slot has carried data both ways (boringtun's "current" session).
@@ -267,12 +284,43 @@ impl Slot {
     /// Whether boringtun has a confirmed current session.
     fn has_session(&self) -> bool {
         self.confirmed.load(Relaxed) || {
-            let up = self.tunn.lock().stats().0.is_some();
+            let up = self
+                .tunn
+                .lock()
+                .as_ref()
+                .is_some_and(|t| t.stats().0.is_some());
             if up {
                 self.confirmed.store(true, Relaxed);
             }
             up
         }
+    }
+
+    /// The session state, made now if there is none.
+    fn tunn(&self) -> MappedMutexGuard<'_, Tunn> {
+        MutexGuard::map(self.tunn.lock(), |t| {
+            &mut **t.get_or_insert_with(|| self.new_tunn())
+        })
+    }
+
+    /// Drops the session state (`guard` is this slot's lock, held).
+    fn release(&self, guard: &mut Option<Box<Tunn>>) {
+        *guard = None;
+        self.held.store(false, Relaxed);
+        self.confirmed.store(false, Relaxed);
+    }
+
+    fn new_tunn(&self) -> Box<Tunn> {
+        self.held.store(true, Relaxed);
+        // No persistent keepalive inside boringtun: `demand` decides who sends them.
+        Box::new(Tunn::new(
+            self.own.secret.clone(),
+            PublicKey::from(self.peer_key),
+            None,
+            None,
+            self.index,
+            Some(Arc::clone(&self.own.inner_limiter)),
+        ))
     }
 }
 
@@ -299,6 +347,10 @@ struct Keys {
 pub struct CoreCounters {
     drops: [AtomicU64; Drop::ALL.len()],
     pub cookies_sent: AtomicU64,
+    /// Handshake initiations sent by the lazy-session timers (not rekeys).
+    pub initiations: AtomicU64,
+    /// Cold peers' session state dropped after idling.
+    pub sessions_released: AtomicU64,
 }
 
 impl CoreCounters {
@@ -366,6 +418,26 @@ pub struct PeerStatus {
     pub session_up: bool,
     /// Number of slots (2 while a key change is in flight).
     pub slots: usize,
+    /// Kept up without traffic (see `demand`).
+    pub warm: bool,
+    /// Holds session state now (a cold peer's is dropped when idle).
+    pub active: bool,
+    /// Handshake attempts that went unanswered, ever.
+    pub handshake_failures: u64,
+    /// How long it has not answered (since its first unanswered attempt), if it has not
+    /// had a session since.
+    pub unreachable_secs: Option<u64>,
+}
+
+/// What [`Core::unreachable`] sums up.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Unreachable {
+    pub peers: usize,
+    /// The one that has not answered the longest, and for how long.
+    pub oldest: Option<Arc<str>>,
+    pub oldest_secs: u64,
+    /// Unanswered handshake attempts of all peers, ever.
+    pub failures: u64,
 }
 
 /// The sans-IO mesh core.
@@ -377,6 +449,11 @@ pub struct Core {
     control: Mutex<()>,
     next_index: AtomicU32,
     retire_idle_ms: AtomicU64,
+    idle_release_ms: AtomicU64,
+    /// The peers the timers visit (see [`Core::activate`]).
+    active: Mutex<Vec<Arc<Peer>>>,
+    /// Added to the clock (tests move time forward with it).
+    clock_offset_ms: AtomicU64,
     pub counters: CoreCounters,
 }
 
@@ -393,6 +470,9 @@ impl Core {
             control: Mutex::new(()),
             next_index: AtomicU32::new(u32::from_le_bytes(seed) & 0x00ff_ffff),
             retire_idle_ms: AtomicU64::new(RETIRE_IDLE.as_millis() as u64),
+            idle_release_ms: AtomicU64::new(demand::IDLE_RELEASE_MS),
+            active: Mutex::new(Vec::new()),
+            clock_offset_ms: AtomicU64::new(0),
             counters: CoreCounters::default(),
         }
     }
@@ -411,8 +491,20 @@ impl Core {
         self.keys.load().previous.as_ref().map(|k| k.public())
     }
 
+    /// How long a cold peer's session state lives without traffic (tests shorten it).
+    pub fn set_idle_release(&self, idle: Duration) {
+        self.idle_release_ms.store(idle.as_millis() as u64, Relaxed);
+    }
+
     fn now_ms(&self) -> u64 {
-        crate::clock::coarse_ms()
+        crate::clock::coarse_ms() + self.clock_offset_ms.load(Relaxed)
+    }
+
+    /// Moves the core's clock forward (tests of timers).
+    #[cfg(test)]
+    fn advance(&self, by: Duration) {
+        self.clock_offset_ms
+            .fetch_add(by.as_millis() as u64, Relaxed);
     }
 
     /// Allocates a fresh 24-bit session index not in `used`, and marks it used.
@@ -433,24 +525,15 @@ impl Core {
         &self,
         used: &mut HashSet<u32>,
         own: &Arc<OwnKey>,
-        cfg: &PeerConfig,
         peer_key: [u8; 32],
     ) -> Arc<Slot> {
         let index = self.alloc_index(used);
-        let keepalive = (cfg.keepalive > 0).then_some(cfg.keepalive);
-        let tunn = Tunn::new(
-            own.secret.clone(),
-            PublicKey::from(peer_key),
-            None,
-            keepalive,
-            index,
-            Some(Arc::clone(&own.inner_limiter)),
-        );
         Arc::new(Slot {
             index,
             own: Arc::clone(own),
             peer_key,
-            tunn: Mutex::new(tunn),
+            tunn: Mutex::new(None),
+            held: AtomicBool::new(false),
             last_rx_ms: AtomicU64::new(self.now_ms()),
             confirmed: AtomicBool::new(false),
         })
@@ -494,11 +577,14 @@ impl Core {
         let mut peers = Vec::with_capacity(wanted.len());
         for cfg in wanted {
             let Some(peer) = existing.remove(&*cfg.name) else {
-                let slot = self.new_slot(&mut used, &keys.current, &cfg, cfg.public_key);
+                let slot = self.new_slot(&mut used, &keys.current, cfg.public_key);
                 diff.added.push(Arc::clone(&cfg.name));
                 peers.push(Arc::new(Peer {
                     name: Arc::clone(&cfg.name),
                     endpoint: ArcSwapOption::from_pointee(cfg.endpoint),
+                    demand: Demand::new(cfg.warm, u64::from(slot.index)),
+                    queued: AtomicBool::new(false),
+                    removed: AtomicBool::new(false),
                     slots: ArcSwap::from_pointee(vec![Arc::clone(&slot)]),
                     primary: ArcSwap::new(slot),
                     counters: PeerCounters::default(),
@@ -511,6 +597,7 @@ impl Core {
                 peers.push(Arc::clone(peer));
                 continue;
             }
+            peer.demand.set_warm(cfg.warm);
             if before.endpoint != cfg.endpoint {
                 // The map's endpoint wins over a roamed one only when the map changed.
                 peer.endpoint.store(cfg.endpoint.map(Arc::new));
@@ -525,12 +612,16 @@ impl Core {
                 {
                     // A new slot for the new key; the old one keeps carrying traffic
                     // until the new session is confirmed.
-                    let slot = self.new_slot(&mut used, &primary.own, &cfg, cfg.public_key);
+                    let slot = self.new_slot(&mut used, &primary.own, cfg.public_key);
                     let mut next: Vec<Arc<Slot>> = slots.iter().cloned().collect();
                     next.push(Arc::clone(&slot));
                     peer.slots.store(Arc::new(next));
                     peer.config.store(Arc::new(cfg));
-                    initiate(peer, &slot, scratch, net);
+                    // Only a session in use, or a warm peer, needs the new key pair
+                    // now; an idle cold peer meets it at its next packet.
+                    if peer.demand.warm() || primary.has_session() {
+                        initiate(peer, &slot, scratch, net);
+                    }
                     peers.push(Arc::clone(peer));
                     continue;
                 }
@@ -540,9 +631,18 @@ impl Core {
             peer.config.store(Arc::new(cfg));
             peers.push(Arc::clone(peer));
         }
+        for gone in existing.values() {
+            gone.removed.store(true, Relaxed);
+        }
         diff.removed = existing.into_keys().map(Arc::from).collect();
         diff.added.sort();
         diff.removed.sort();
+        let now = self.now_ms();
+        for peer in &peers {
+            if self.busy(peer, now) {
+                self.activate(peer);
+            }
+        }
         self.publish(peers);
         diff
     }
@@ -604,7 +704,7 @@ impl Core {
                 .collect();
             let slots = if slots.is_empty() {
                 let cfg = peer.config.load();
-                vec![self.new_slot(&mut used, &keys.current, &cfg, cfg.public_key)]
+                vec![self.new_slot(&mut used, &keys.current, cfg.public_key)]
             } else {
                 slots
             };
@@ -693,11 +793,23 @@ impl Core {
         {
             slot = arc_swap::Guard::from_inner(Arc::clone(other));
         }
-        let result = slot.tunn.lock().encapsulate(packet, out);
+        let now = self.now_ms();
+        self.activate_named(peer);
+        let result = slot.tunn().encapsulate(packet, out);
         match result {
             TunnResult::WriteToNetwork(msg) => {
                 let len = msg.len();
-                if len == packet.len() + DATA_OVERHEAD && out[0] == 4 {
+                if out[0] == MSG_HANDSHAKE_INIT {
+                    // No session: boringtun queued the packet behind a handshake. It
+                    // goes out unless the peer is in backoff; then the packet waits
+                    // for the timers' next attempt.
+                    peer.demand.needed(now);
+                    if !peer.demand.may_initiate(now) {
+                        return Encap::Queued;
+                    }
+                    peer.demand.initiated(now);
+                } else if len == packet.len() + DATA_OVERHEAD && out[0] == 4 {
+                    peer.demand.data(now);
                     peer.counters.tx_packets.fetch_add(1, Relaxed);
                     peer.counters
                         .tx_bytes
@@ -705,7 +817,11 @@ impl Core {
                 }
                 Encap::Send { dst, len }
             }
-            TunnResult::Done => Encap::Queued,
+            TunnResult::Done => {
+                // Queued behind a handshake in flight.
+                peer.demand.needed(now);
+                Encap::Queued
+            }
             TunnResult::Err(_) => self.drop_tx(Drop::BufferTooSmall),
             TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => Encap::Queued,
         }
@@ -756,7 +872,8 @@ impl Core {
             },
         };
         let msg_type = datagram[0];
-        let mut tunn = slot.tunn.lock();
+        self.activate(&peer);
+        let mut tunn = slot.tunn();
         match tunn.decapsulate(Some(src.ip()), datagram, out) {
             TunnResult::WriteToNetwork(reply) => {
                 let reply_type = reply.first().copied();
@@ -811,6 +928,7 @@ impl Core {
                     // A keepalive: authenticated data.
                     self.authenticated(&peer, &slot, src);
                     self.confirm(&peer, &slot);
+                    peer.demand.keepalive_received(self.now_ms());
                 }
                 Decap::Done
             }
@@ -860,6 +978,7 @@ impl Core {
         if !peer.allows(inner_src) {
             return self.drop_rx(Drop::SourceNotAllowed);
         }
+        peer.demand.data(self.now_ms());
         peer.counters.rx_packets.fetch_add(1, Relaxed);
         peer.counters.rx_bytes.fetch_add(len as u64, Relaxed);
         Decap::Inner { peer, len }
@@ -975,7 +1094,7 @@ impl Core {
             return Ok((Arc::clone(&peer), Arc::clone(slot)));
         }
         let mut used = self.used_indices();
-        let slot = self.new_slot(&mut used, own, &peer.config.load(), half.peer_static_public);
+        let slot = self.new_slot(&mut used, own, half.peer_static_public);
         let mut slots: Vec<Arc<Slot>> = peer.slots.load().iter().cloned().collect();
         slots.push(Arc::clone(&slot));
         peer.slots.store(Arc::new(slots));
@@ -992,40 +1111,163 @@ impl Core {
         if let Some(p) = &keys.previous {
             p.limiter.reset_count();
         }
-        let tables = self.tables.load_full();
         let now = self.now_ms();
         let mut retire = false;
-        for peer in &tables.peers {
-            let primary = peer.primary.load_full();
-            for slot in peer.slots.load().iter() {
-                let is_primary = Arc::ptr_eq(slot, &primary);
-                if !is_primary && primary.has_session() {
-                    // Superseded: keep it only while packets still arrive on it, and
-                    // let it neither keepalive nor rekey.
-                    if now.saturating_sub(slot.last_rx_ms.load(Relaxed))
-                        >= self.retire_idle_ms.load(Relaxed)
-                    {
-                        retire = true;
-                    }
-                    continue;
-                }
-                let Some(dst) = peer.endpoint() else { continue };
-                let mut tunn = slot.tunn.lock();
-                match tunn.update_timers(scratch) {
-                    TunnResult::WriteToNetwork(msg) => net(dst, msg),
-                    TunnResult::Err(WireGuardError::ConnectionExpired) => {
-                        slot.confirmed.store(false, Relaxed);
-                    }
-                    _ => {}
-                }
-                if slot.confirmed.load(Relaxed) && tunn.stats().0.is_none() {
-                    // Session expired (no handshake for 3 minutes): not up any more.
-                    slot.confirmed.store(false, Relaxed);
+        // Only the peers with something going on (see `activate`): a large map's idle
+        // peers cost the timers nothing, not even a visit.
+        let mut active = std::mem::take(&mut *self.active.lock());
+        active.retain(|peer| {
+            if !peer.removed.load(Relaxed) {
+                self.tick(peer, now, &mut retire, scratch, net);
+                if self.busy(peer, now) {
+                    return true;
                 }
             }
-        }
+            peer.queued.store(false, Relaxed);
+            // Something may have made it busy since the check: then it stays (or was
+            // queued again by whoever did, and is in the list already).
+            !peer.removed.load(Relaxed) && self.busy(peer, now) && !peer.queued.swap(true, Relaxed)
+        });
+        self.active.lock().append(&mut active);
         if retire {
             self.retire_slots();
+        }
+    }
+
+    /// One peer's timers, every key pair of it.
+    fn tick(
+        &self,
+        peer: &Peer,
+        now: u64,
+        retire: &mut bool,
+        scratch: &mut [u8],
+        net: &mut dyn FnMut(SocketAddr, &[u8]),
+    ) {
+        let primary = peer.primary.load_full();
+        for slot in peer.slots.load().iter() {
+            let is_primary = Arc::ptr_eq(slot, &primary);
+            if !is_primary && primary.has_session() {
+                // Superseded: keep it only while packets still arrive on it, and let it
+                // neither keepalive nor rekey.
+                if now.saturating_sub(slot.last_rx_ms.load(Relaxed))
+                    >= self.retire_idle_ms.load(Relaxed)
+                {
+                    *retire = true;
+                }
+                continue;
+            }
+            let Some(dst) = peer.endpoint() else { continue };
+            if is_primary {
+                self.drive(peer, slot, dst, now, scratch, net);
+                continue;
+            }
+            // A key pair being negotiated next to a primary without a session.
+            let mut guard = slot.tunn.lock();
+            let Some(tunn) = guard.as_mut() else { continue };
+            match tunn.update_timers(scratch) {
+                TunnResult::WriteToNetwork(msg) => net(dst, msg),
+                TunnResult::Err(WireGuardError::ConnectionExpired) => {
+                    slot.confirmed.store(false, Relaxed);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Whether a peer needs its timers: it holds session state, has a second key pair,
+    /// or is wanted (warm, or asked for by a packet).
+    fn busy(&self, peer: &Peer, now: u64) -> bool {
+        let slots = peer.slots.load();
+        slots.len() > 1 || slots.iter().any(|s| s.held.load(Relaxed)) || peer.demand.wanted(now)
+    }
+
+    /// Puts a peer that something just made busy on the timers' list (once).
+    fn activate(&self, peer: &Arc<Peer>) {
+        if !peer.queued.load(Relaxed) && !peer.queued.swap(true, Relaxed) {
+            self.active.lock().push(Arc::clone(peer));
+        }
+    }
+
+    /// [`Self::activate`] for a caller holding the peer by reference only.
+    fn activate_named(&self, peer: &Peer) {
+        if !peer.queued.load(Relaxed)
+            && let Some(p) = self.tables.load().by_name.get(&peer.name)
+        {
+            self.activate(p);
+        }
+    }
+
+    /// The timers of a peer's primary key pair (see `demand`): boringtun's own (rekey,
+    /// passive keepalive, expiry) while there is a session, our keepalive, letting an
+    /// idle cold peer go; without a session, one handshake per attempt for a peer that
+    /// is wanted, with backoff, and nothing at all for one that is not.
+    fn drive(
+        &self,
+        peer: &Peer,
+        slot: &Slot,
+        dst: SocketAddr,
+        now: u64,
+        scratch: &mut [u8],
+        net: &mut dyn FnMut(SocketAddr, &[u8]),
+    ) {
+        let demand = &peer.demand;
+        let idle_release = self.idle_release_ms.load(Relaxed);
+        let mut guard = slot.tunn.lock();
+        let session = guard.as_ref().is_some_and(|t| t.stats().0.is_some());
+        if let (true, Some(tunn)) = (session, guard.as_mut()) {
+            demand.reachable();
+            match tunn.update_timers(scratch) {
+                TunnResult::WriteToNetwork(msg) => {
+                    if msg.first() == Some(&4) && msg.len() == DATA_OVERHEAD {
+                        demand.keepalive_sent(now);
+                    }
+                    net(dst, msg);
+                }
+                TunnResult::Err(WireGuardError::ConnectionExpired) => {
+                    slot.confirmed.store(false, Relaxed);
+                }
+                _ => {}
+            }
+            if tunn.stats().0.is_none() {
+                // Session expired (no handshake for 3 minutes): not up any more.
+                slot.confirmed.store(false, Relaxed);
+                return;
+            }
+            let interval = u64::from(peer.config.load().keepalive) * 1000;
+            if demand.keepalive_due(now, interval)
+                && let TunnResult::WriteToNetwork(msg) = tunn.encapsulate(&[], scratch)
+            {
+                net(dst, msg);
+                demand.keepalive_sent(now);
+            }
+            if demand.idle(now, slot.last_rx_ms.load(Relaxed), idle_release)
+                && peer.slots.load().len() == 1
+            {
+                slot.release(&mut guard);
+                self.counters.sessions_released.fetch_add(1, Relaxed);
+            }
+            return;
+        }
+        slot.confirmed.store(false, Relaxed);
+        if demand.attempt(now) == Attempt::Waiting {
+            return;
+        }
+        if !demand.wanted(now) {
+            // Nothing wants it: drop what a failed attempt left (queued packets are
+            // stale by now), once it has been quiet for as long as a session would.
+            if guard.is_some() && demand.idle(now, slot.last_rx_ms.load(Relaxed), idle_release) {
+                slot.release(&mut guard);
+            }
+            return;
+        }
+        if demand.may_initiate(now) {
+            let tunn = guard.get_or_insert_with(|| slot.new_tunn());
+            if let TunnResult::WriteToNetwork(msg) = tunn.format_handshake_initiation(scratch, true)
+            {
+                net(dst, msg);
+                demand.initiated(now);
+                self.counters.initiations.fetch_add(1, Relaxed);
+            }
         }
     }
 
@@ -1059,13 +1301,17 @@ impl Core {
         }
     }
 
-    /// Starts a handshake with every peer that has no session (used at start so that
-    /// sessions exist before the first packet).
+    /// Starts a handshake with every warm peer that has no session and is not in
+    /// backoff (used at start, so that workers' sessions exist before the first
+    /// packet); cold peers wait for traffic.
     pub fn initiate_all(&self, scratch: &mut [u8], net: &mut dyn FnMut(SocketAddr, &[u8])) {
+        let now = self.now_ms();
         for peer in &self.tables.load().peers {
             let slot = peer.primary.load_full();
-            if !slot.has_session() {
+            if peer.demand.warm() && !slot.has_session() && peer.demand.may_initiate(now) {
                 initiate(peer, &slot, scratch, net);
+                peer.demand.initiated(now);
+                self.counters.initiations.fetch_add(1, Relaxed);
             }
         }
     }
@@ -1082,7 +1328,28 @@ impl Core {
             .any(|s| now.saturating_sub(s.last_rx_ms.load(Relaxed)) <= max && s.has_session())
     }
 
+    /// Peers that do not answer our handshakes (wanted, no session since their first
+    /// unanswered attempt), for one summary line instead of one per peer.
+    pub fn unreachable(&self) -> Unreachable {
+        let now = self.now_ms();
+        let mut out = Unreachable::default();
+        for p in &self.tables.load().peers {
+            out.failures += p.demand.failures.load(Relaxed);
+            let Some(since) = p.demand.unreachable_since() else {
+                continue;
+            };
+            out.peers += 1;
+            let secs = now.saturating_sub(since) / 1000;
+            if out.oldest.is_none() || secs > out.oldest_secs {
+                out.oldest_secs = secs;
+                out.oldest = Some(Arc::clone(&p.name));
+            }
+        }
+        out
+    }
+
     pub fn peers(&self) -> Vec<PeerStatus> {
+        let now = self.now_ms();
         self.tables
             .load()
             .peers
@@ -1107,6 +1374,13 @@ impl Core {
                     own_key: primary.own.public(),
                     session_up: primary.has_session(),
                     slots: p.slots.load().len(),
+                    warm: p.demand.warm(),
+                    active: p.slots.load().iter().any(|s| s.held.load(Relaxed)),
+                    handshake_failures: p.demand.failures.load(Relaxed),
+                    unreachable_secs: p
+                        .demand
+                        .unreachable_since()
+                        .map(|t| now.saturating_sub(t) / 1000),
                 }
             })
             .collect()
@@ -1115,8 +1389,7 @@ impl Core {
 
 fn initiate(peer: &Peer, slot: &Slot, scratch: &mut [u8], net: &mut dyn FnMut(SocketAddr, &[u8])) {
     let Some(dst) = peer.endpoint() else { return };
-    if let TunnResult::WriteToNetwork(msg) =
-        slot.tunn.lock().format_handshake_initiation(scratch, false)
+    if let TunnResult::WriteToNetwork(msg) = slot.tunn().format_handshake_initiation(scratch, false)
     {
         net(dst, msg);
     }

@@ -580,13 +580,45 @@ impl Shared {
     fn timer_loop(&self) {
         let mut batch = SendBatch::new(64);
         let mut scratch = vec![0u8; BUF];
+        let mut reported = std::time::Instant::now();
+        let mut last = (0, 0);
         while !self.stop.load(Relaxed) {
             std::thread::sleep(TIMER_TICK);
             self.core
                 .update_timers(&mut scratch, &mut |dst, msg| batch.push(dst, msg));
             self.send(&mut batch);
+            if reported.elapsed() >= UNREACHABLE_REPORT {
+                reported = std::time::Instant::now();
+                last = report_unreachable(&self.core, last);
+            }
         }
     }
+}
+
+/// How often peers that do not answer are summed up in the log: one line for all of
+/// them, never one per peer per attempt (a map of thousands of nodes with hundreds
+/// down would otherwise write gigabytes a day).
+const UNREACHABLE_REPORT: Duration = Duration::from_secs(60);
+
+/// Logs how many wanted peers do not answer, when there are any or their number
+/// changed since `last` (count, failures); returns the new (count, failures).
+fn report_unreachable(core: &Core, last: (usize, u64)) -> (usize, u64) {
+    let s = core.unreachable();
+    let now = (s.peers, s.failures);
+    if s.peers > 0 {
+        tracing::warn!(
+            peers = s.peers,
+            oldest_secs = s.oldest_secs,
+            oldest = %s.oldest.as_deref().unwrap_or("-"),
+            unanswered_handshakes = s.failures,
+            "{} peers unreachable, the oldest for {} s; retried with backoff",
+            s.peers,
+            s.oldest_secs
+        );
+    } else if last.0 > 0 {
+        tracing::info!("every wanted peer answers again");
+    }
+    now
 }
 
 /// The receive half of the mesh for one thread: WireGuard datagrams in (from the mesh's

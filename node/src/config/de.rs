@@ -98,6 +98,12 @@ pub(crate) fn count<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> 
     usize::try_from(v).map_err(|_| de::Error::custom(format!("{v} is too large for this host")))
 }
 
+/// A count that may be 0 (0 turns the thing off).
+pub(crate) fn count_or_zero<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let v = int_in(d, "a count (an integer >= 0)", 0..=i64::MAX)?;
+    usize::try_from(v).map_err(|_| de::Error::custom(format!("{v} is too large for this host")))
+}
+
 /// A mesh address: the overlay only ever uses unique local addresses, so anything else
 /// is a typo or a public address pasted into the wrong field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

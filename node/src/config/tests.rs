@@ -179,7 +179,7 @@ fn unknown_top_level_field_is_located_and_lists_valid_fields() {
 fn unknown_nested_field_names_its_table() {
     assert_eq!(
         err(&format!("{MINIMAL}speed = 10\n")),
-        "/etc/flynode/flynode.toml:6:1: xdp: unknown field `speed`, expected one of `interface`, `mode`, `backend`"
+        "/etc/flynode/flynode.toml:6:1: xdp: unknown field `speed`, expected one of `interface`, `mode`, `backend`, `anycast_prefixes`"
     );
     assert_eq!(
         err(&format!(
@@ -506,6 +506,6 @@ fn metrics_can_be_turned_off_and_reject_unknown_fields() {
     assert_eq!(config.metrics.listen, MetricsConfig::default().listen);
     assert_eq!(
         err(&format!("{MINIMAL}[metrics]\nenable = false\n")),
-        "/etc/flynode/flynode.toml:7:1: metrics: unknown field `enable`, expected `enabled` or `listen`"
+        "/etc/flynode/flynode.toml:7:1: metrics: unknown field `enable`, expected one of `enabled`, `listen`, `max_peer_series`"
     );
 }

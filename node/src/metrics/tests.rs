@@ -28,6 +28,10 @@ fn peer(node: &str, handshake: Option<u64>) -> PeerInfo {
         tx_bytes: 1100,
         decrypt_failures: 2,
         own_key: "own".into(),
+        warm: handshake.is_some(),
+        active: handshake.is_some(),
+        handshake_failures: 3,
+        unreachable_secs: handshake.is_none().then_some(120),
     }
 }
 
@@ -96,6 +100,13 @@ fn status() -> Status {
                 moved: 0,
                 total: 0,
                 grace_left_secs: None,
+            },
+            peer_summary: crate::mesh::PeerSummary {
+                configured: 5000,
+                warm: 12,
+                active: 40,
+                with_session: 38,
+                unreachable: 7,
             },
             peers: vec![peer("node-2", Some(NOW - 30)), peer("node-3", None)],
             drops: map([("decrypt_failed", 2), ("no_route", 0)]),
@@ -521,4 +532,30 @@ async fn a_taken_address_is_one_clear_error() {
         )),
         "{text}"
     );
+}
+
+/// The fleet-level gauges count every peer; per-peer series are limited to
+/// `max_peer_series` peers, those with a session first (issue 23: a scrape of 5,000
+/// peers was 1.75 MB).
+#[test]
+fn peer_series_are_limited_and_the_fleet_gauges_stay() {
+    let mut s = status();
+    let text = render(&s, NOW);
+    let all = samples(&text);
+    assert_sample(&all, "flynode_peers", &[("state", "configured")], 5000.0);
+    assert_sample(&all, "flynode_peers", &[("state", "unreachable")], 7.0);
+    assert_sample(&all, "flynode_peers", &[("state", "with_session")], 38.0);
+    assert!(get(&all, "flynode_peer_rx_packets_total", &[("peer", "node-3")]).is_some());
+    limit_peer_series(&mut s, 1);
+    let one = samples(&render(&s, NOW));
+    assert!(get(&one, "flynode_peer_rx_packets_total", &[("peer", "node-2")]).is_some());
+    assert!(
+        get(&one, "flynode_peer_rx_packets_total", &[("peer", "node-3")]).is_none(),
+        "the peer without a session is left out first"
+    );
+    assert_sample(&one, "flynode_peers", &[("state", "configured")], 5000.0);
+    limit_peer_series(&mut s, 0);
+    let none = render(&s, NOW);
+    assert!(!none.contains("flynode_peer_"), "{none}");
+    assert!(none.contains("flynode_peers{"), "{none}");
 }

@@ -47,6 +47,7 @@ fn peer_config(of: &TestNode) -> PeerConfig {
         endpoint: Some(of.udp),
         allowed: vec![IpAddr::V6(of.mesh), IpAddr::V4(of.mesh4)],
         keepalive: 0,
+        warm: false,
     }
 }
 
@@ -481,3 +482,6 @@ fn a_handshake_flood_gets_cookies_not_sessions() {
     net.run(&mut [&mut a, &mut b]);
     assert_eq!(b.delivered.len(), 1);
 }
+
+#[path = "tests/lazy.rs"]
+mod lazy;
