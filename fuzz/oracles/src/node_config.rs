@@ -7,9 +7,9 @@
 //! Properties: an accepted config holds what `Config` documents (a ULA mesh address,
 //! absolute paths, valid interface names, an etcd prefix that starts and ends with '/',
 //! a whole-second lease of at least 2 s, non-zero durations, counts and ports, container
-//! prefixes without host bits); written
-//! back with every field it parses to the same config. A refusal is one line that names
-//! the file.
+//! and anycast prefixes without host bits); written back with every field
+//! (`render::config`, which names them all) it parses to the same config. A refusal is
+//! one line that names the file.
 use std::path::Path;
 use std::time::Duration;
 
@@ -63,7 +63,12 @@ fn check(c: &Config) {
         assert!(d > Duration::ZERO, "a zero duration accepted");
     }
     assert!(c.flows.edge_max >= 1 && c.flows.worker_max >= 1);
-    for p in c.flows.container_prefixes.iter().flatten() {
+    let prefixes = c
+        .flows
+        .container_prefixes
+        .iter()
+        .chain(&c.xdp.anycast_prefixes);
+    for p in prefixes.flatten() {
         assert_eq!(p.trunc(), *p, "prefix {p} with host bits accepted");
     }
     match &c.source {

@@ -6,9 +6,11 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use flynode::config::{Config, SchedPolicy, SourceConfig};
+use flynode::config::{
+    Config, FlowConfig, MetricsConfig, SchedPolicy, SourceConfig, WireguardConfig, XdpConfig,
+};
 use flynode::forward::host::ReplyCaptureChoice;
-use flynode::routing::{Node, RoutingMap, Service};
+use flynode::routing::{Node, RoutingMap, Service, Worker};
 use toml::{Table, Value};
 
 fn s(v: impl ToString) -> Value {
@@ -81,6 +83,7 @@ pub fn text(t: &Table) -> String {
 
 /// The whole map as a routing file.
 pub fn routing_file(map: &RoutingMap) -> String {
+    map_fields_written(map);
     let mut t = Table::new();
     let nodes = map.nodes.values().map(|n| Value::Table(node(n))).collect();
     t.insert("node".into(), Value::Array(nodes));
@@ -99,8 +102,89 @@ fn services<'a>(list: impl Iterator<Item = &'a Service>) -> Value {
     Value::Array(list.map(|sv| Value::Table(service(sv))).collect())
 }
 
+/// Names every field of the config's structs, without `..`: a field added to one of
+/// them stops this crate from building until it is written out too (otherwise a round
+/// trip would compare its default with its default and never look at it).
+fn config_fields_written(c: &Config) {
+    let Config {
+        node_id: _,
+        region: _,
+        mesh_address: _,
+        key_dir: _,
+        control_socket: _,
+        wireguard,
+        xdp,
+        source: _,
+        metrics,
+        flows,
+    } = c;
+    let WireguardConfig {
+        listen_port: _,
+        interface: _,
+        mesh_ipv4: _,
+        mtu: _,
+        tun_queue_len: _,
+        data_path_sched: _,
+        tx_nice: _,
+        key_grace: _,
+        persistent_keepalive: _,
+        forward_port: _,
+        endpoint: _,
+    } = wireguard;
+    let XdpConfig {
+        interface: _,
+        mode: _,
+        backend: _,
+        anycast_prefixes: _,
+    } = xdp;
+    let MetricsConfig {
+        enabled: _,
+        listen: _,
+        max_peer_series: _,
+    } = metrics;
+    let FlowConfig {
+        edge_max: _,
+        worker_max: _,
+        idle_timeout: _,
+        reply_capture: _,
+        container_prefixes: _,
+    } = flows;
+}
+
+/// As [`config_fields_written`], for the routing map's structs.
+fn map_fields_written(map: &RoutingMap) {
+    for n in map.nodes.values() {
+        let Node {
+            id: _,
+            region: _,
+            public_key: _,
+            endpoint: _,
+            mesh_address: _,
+            mesh_ipv4: _,
+        } = n;
+    }
+    for sv in map.services.values() {
+        let Service {
+            id: _,
+            name: _,
+            anycast: _,
+            ports: _,
+            proxy_protocol: _,
+            workers,
+        } = sv;
+        for w in workers {
+            let Worker {
+                node: _,
+                targets: _,
+                weight: _,
+            } = w;
+        }
+    }
+}
+
 /// The node config, every field written out.
 pub fn config(c: &Config) -> String {
+    config_fields_written(c);
     let mut t = Table::new();
     t.insert("node_id".into(), s(c.node_id.as_str()));
     t.insert("region".into(), s(c.region.as_str()));
@@ -140,6 +224,10 @@ pub fn config(c: &Config) -> String {
     xdp.insert("interface".into(), s(&c.xdp.interface));
     xdp.insert("mode".into(), s(c.xdp.mode));
     xdp.insert("backend".into(), s(c.xdp.backend));
+    if let Some(prefixes) = &c.xdp.anycast_prefixes {
+        let list = prefixes.iter().map(s).collect();
+        xdp.insert("anycast_prefixes".into(), Value::Array(list));
+    }
     t.insert("xdp".into(), Value::Table(xdp));
 
     let mut source = Table::new();
@@ -167,6 +255,10 @@ pub fn config(c: &Config) -> String {
     let mut metrics = Table::new();
     metrics.insert("enabled".into(), Value::Boolean(c.metrics.enabled));
     metrics.insert("listen".into(), s(c.metrics.listen));
+    metrics.insert(
+        "max_peer_series".into(),
+        int(c.metrics.max_peer_series as u64),
+    );
     t.insert("metrics".into(), Value::Table(metrics));
 
     let f = &c.flows;

@@ -567,6 +567,7 @@ endpoint = "[2001:db8::1]:51820"
 interface = "eth0"
 mode = "native"
 backend = "af_xdp"
+anycast_prefixes = ["198.18.100.0/24", "2001:db8:100::/48"]
 
 [source.etcd]
 endpoints = ["http://127.0.0.1:2379", "https://[::1]:2379"]
@@ -576,6 +577,7 @@ lease_ttl = "15s"
 [metrics]
 enabled = false
 listen = "[::1]:9477"
+max_peer_series = 0
 
 [flows]
 edge_max = 1000
