@@ -453,7 +453,18 @@ fn status(config: &Path, socket: Option<PathBuf>, json: bool) -> anyhow::Result<
     };
     let status = control::status(&socket)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
+        // Indented for a person at a terminal; one compact line for a pipe (`jq`, a
+        // script): with thousands of peers the status is megabytes, and indenting it
+        // costs as much as the daemon's whole answer.
+        let stdout = std::io::stdout();
+        let mut out = std::io::BufWriter::new(stdout.lock());
+        if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+            serde_json::to_writer_pretty(&mut out, &status)?;
+        } else {
+            serde_json::to_writer(&mut out, &status)?;
+        }
+        std::io::Write::write_all(&mut out, b"\n")?;
+        std::io::Write::flush(&mut out)?;
         return Ok(());
     }
     println!(
