@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Control-plane latency benchmark (issue 6): time from a routing change to the new entry
 # in a running daemon's XDP services map, through etcd and, as the baseline, through
-# the routing file. See usage() or README.md "## Benchmarks / ### Fleet".
+# the routing file. See usage() or bench/README.md "### Fleet".
 #
 # Everything runs in one network namespace this script creates (fn-fleet-PID: loopback
 # for etcd, a veth pair v0/v1 in 198.18.20.0/24 for the daemon's XDP program); the trap

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end forwarding benchmark (issue 5): client → edge → worker → container through
 # flynode, against the same namespaces with plain kernel routing, in one run. See usage()
-# or README.md "## Benchmarks / ### Forwarding".
+# or bench/README.md "### Forwarding".
 #
 # Everything runs inside network namespaces the benchmark binary creates (fn-hub-PID-*,
 # fn-h1-PID-*, fn-h2-PID-*, fn-c1-PID-*, fn-c2-PID-*, fn-client-PID-*; addresses in

@@ -3,7 +3,7 @@
 # on one pair of namespaces, pinged in turn, round after round. bench/tunnel.sh measures
 # its variants one after another, minutes apart, and this VM's speed moves by a third
 # within the hour; here every round pings all three within seconds, so the comparison
-# holds even while the machine drifts. See usage() or README.md "## Benchmarks".
+# holds even while the machine drifts. See usage() or bench/README.md.
 #
 #   netns fpa-PID (host A, CPU0)                  netns fpb-PID (host B, CPU1)
 #   veth1-a 198.18.1.1/24  <------ veth ------>   veth1-b 198.18.1.2/24

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Tunnel benchmark: flynode's mesh against the plain veth, boringtun-cli and wireguard-go,
-# all on the same topology, in one run. See usage() or README.md "## Benchmarks".
+# all on the same topology, in one run. See usage() or bench/README.md.
 #
 # Topology (rebuilt for every run of every variant, removed at the end, also on Ctrl-C):
 #

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # XDP benchmark: classifier cost (BPF_PROG_RUN) and delivered datagrams per second
-# (AF_XDP vs UDP socket, live-frames generator over a veth). See usage() or README.md
-# "## Benchmarks / ### XDP".
+# (AF_XDP vs UDP socket, live-frames generator over a veth). See usage() or
+# bench/README.md "### XDP".
 #
 # Everything runs inside network namespaces that the benchmark binary creates
 # (fn-fxbgen-PID-*, fn-fxbrx-PID-*, fn-fxbcls-PID-*; addresses in 198.18.71.0/24) and

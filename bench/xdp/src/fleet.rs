@@ -1,6 +1,6 @@
 //! Issue 6's benchmark: how long a routing change takes from the write to the new
 //! verdict in the running daemon's XDP services map, through etcd and, as the
-//! baseline, through the routing file. See README.md "### Fleet" and bench/fleet.sh,
+//! baseline, through the routing file. See bench/README.md "### Fleet" and bench/fleet.sh,
 //! which sets up the namespace, etcd and the daemon and runs the three phases:
 //!
 //! 1. `etcd`: `flynode run` watches etcd; each change is a put of the service record

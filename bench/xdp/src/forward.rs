@@ -1,5 +1,5 @@
 //! Issue 5's benchmark: client → edge → worker → container through flynode against the
-//! same namespaces with plain kernel routing, in one run. See README.md "### Forwarding".
+//! same namespaces with plain kernel routing, in one run. See bench/README.md "### Forwarding".
 //!
 //! ```text
 //!  hub (br0)            h1: edge, node-1              h2: worker, node-2        c2

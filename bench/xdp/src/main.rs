@@ -1,5 +1,5 @@
-//! flynode's XDP benchmark (issue 4, "Benchmark"): see `--help` and README.md
-//! "## Benchmarks / ### XDP".
+//! flynode's XDP benchmark (issue 4, "Benchmark"): see `--help` and
+//! bench/README.md "### XDP".
 //!
 //! - `classify`: ns/packet of flynode's XDP classifier against a trivial XDP_DROP program,
 //!   with `BPF_PROG_RUN` on representative frames. Target: trivial/classifier ≥ 0.6.

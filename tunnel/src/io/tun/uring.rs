@@ -112,7 +112,7 @@ impl BatchWriter {
             // way, but the first io_uring_enter after the thread slept cost about 15 µs
             // more than a write on this VM (the ring's pages and the submission path
             // come in cold): in one side-by-side comparison an idle mesh ping went from
-            // 0.326 to 0.296 ms (`bench/ping-ab.sh`; see the README for later runs).
+            // 0.326 to 0.296 ms (`bench/ping-ab.sh`; see bench/README.md for later runs).
             done(0, write_retrying(fd, packet(0)));
             return;
         }
