@@ -31,7 +31,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -201,6 +201,8 @@ pub struct Forwarding {
     table: ArcSwap<Table>,
     /// Local targets judged out (see [`super::targets`]); empty nearly always.
     refused: ArcSwap<HashSet<SocketAddr, MapHasher>>,
+    /// `refused` is not empty: the packet path reads this flag, not the set.
+    any_refused: AtomicBool,
     edge: FlowTable<EdgeFlow>,
     worker: FlowTable<WorkerFlow>,
     sockets: ServiceSockets,
@@ -224,6 +226,7 @@ impl Forwarding {
             worker: FlowTable::new(config.worker_flows, config.idle_timeout),
             table: ArcSwap::from_pointee(Table::default()),
             refused: ArcSwap::from_pointee(HashSet::default()),
+            any_refused: AtomicBool::new(false),
             sockets,
             icmp: Icmp::new(),
             counters: ForwardCounters::default(),
@@ -330,7 +333,9 @@ impl Forwarding {
     /// Replaces the set of local targets this worker must not deliver to (see
     /// [`super::targets`]): datagrams for them are dropped as `worker_target_refused`.
     pub fn refuse_targets(&self, refused: impl IntoIterator<Item = SocketAddr>) {
-        self.refused.store(Arc::new(refused.into_iter().collect()));
+        let set: HashSet<SocketAddr, MapHasher> = refused.into_iter().collect();
+        self.any_refused.store(!set.is_empty(), Relaxed);
+        self.refused.store(Arc::new(set));
     }
 
     /// Forgets idle flows; called about once a second.
@@ -499,8 +504,7 @@ impl Forwarding {
             route.counters.count_drop(ServiceDrop::WorkerNotServing);
             return;
         };
-        let refused = self.refused.load();
-        if !refused.is_empty() && refused.contains(&target) {
+        if self.any_refused.load(Relaxed) && self.refused.load().contains(&target) {
             c.worker_target_refused.fetch_add(1, Relaxed);
             route.counters.count_drop(ServiceDrop::WorkerTargetRefused);
             return;

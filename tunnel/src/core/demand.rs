@@ -87,6 +87,13 @@ fn stamp(now: u64) -> u64 {
     now.max(1)
 }
 
+/// Stores `now` in `at` unless it holds a time less than a second older.
+fn refresh(at: &AtomicU64, now: u64) {
+    if now.saturating_sub(at.load(Relaxed)) >= 1_000 {
+        at.store(stamp(now), Relaxed);
+    }
+}
+
 fn since(now: u64, then: u64) -> u64 {
     if then == 0 {
         u64::MAX
@@ -119,7 +126,7 @@ impl Demand {
 
     /// A packet wanted a session the peer does not have.
     pub(crate) fn needed(&self, now: u64) {
-        self.need_ms.store(stamp(now), Relaxed);
+        refresh(&self.need_ms, now);
     }
 
     /// Whether an initiation may go out now: none in flight and the backoff over.
@@ -179,8 +186,11 @@ impl Demand {
         Some(self.unreachable_since_ms.load(Relaxed)).filter(|t| *t != 0)
     }
 
+    /// A data packet went either way. Called for every packet by both mesh threads:
+    /// the stamp is rewritten only once it is a second old (idleness is judged in
+    /// minutes), so the line stays shared instead of bouncing between the cores.
     pub(crate) fn data(&self, now: u64) {
-        self.data_ms.store(stamp(now), Relaxed);
+        refresh(&self.data_ms, now);
     }
 
     pub(crate) fn keepalive_sent(&self, now: u64) {
